@@ -1,0 +1,227 @@
+"""Token trees: what a draft source proposes and the verifier scores in one forward.
+
+A `TokenTree` holds `N` nodes in topological order. Node 0 is the root: the last accepted token, whose
+target logits give the distribution of the first new token. Every other node `i` has a parent
+`parents[i] < i`, so a single pass from left to right visits parents before children. A chain is a tree
+whose parents are `i - 1`; chains and trees share every code path.
+
+Builders are pure functions:
+
+- `TokenTree.chain(root, tokens)`: one path.
+- `TokenTree.trie(root, sequences)`: candidate continuations, shared prefixes merged.
+- `TokenTree.from_choices(root, choices, candidates)`: static tree shapes (Medusa style).
+- `expand_topk(tree, frontier, logprobs, branching, budget)`: one level of best-first expansion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    """A tree of draft tokens rooted at the last accepted token.
+
+    Args:
+        tokens: `[N]` token ids; `tokens[0]` is the root (last accepted token).
+        parents: `[N]` parent index of each node; `parents[0] == -1` and `parents[i] < i`.
+        scores: `[N]` optional draft log-probability of the path from the root to each node
+            (0 at the root). Draft sources use it to rank and prune; verification ignores it.
+
+    Raises:
+        ValueError: if the shapes disagree or the parents are not in topological order.
+
+    Example:
+        >>> tree = TokenTree.trie(5, [[1, 2], [1, 3], [4]])
+        >>> tree.tokens.tolist(), tree.parents.tolist()
+        ([5, 1, 2, 3, 4], [-1, 0, 1, 1, 0])
+    """
+
+    tokens: torch.Tensor  # [N] long
+    parents: torch.Tensor  # [N] long
+    scores: torch.Tensor | None = field(default=None, compare=False)  # [N] float
+
+    def __post_init__(self) -> None:
+        if self.tokens.dim() != 1 or self.tokens.shape != self.parents.shape or len(self.tokens) == 0:
+            raise ValueError(
+                f"tokens and parents must be non-empty 1-D tensors of one length, got "
+                f"{tuple(self.tokens.shape)} and {tuple(self.parents.shape)}"
+            )
+        parents = self.parents.tolist()
+        if parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i > 0):
+            raise ValueError(f"parents must be -1 for the root and point to an earlier node, got {parents}")
+        if self.scores is not None and self.scores.shape != self.tokens.shape:
+            raise ValueError(f"scores must have shape {tuple(self.tokens.shape)}, got {tuple(self.scores.shape)}")
+
+    # ---------------------------------------------------------------- builders
+
+    @staticmethod
+    def chain(root: int, tokens: Sequence[int] = ()) -> TokenTree:
+        """A single path `root -> tokens[0] -> tokens[1] -> ...`."""
+        n = len(tokens) + 1
+        return TokenTree(
+            tokens=torch.tensor([root, *tokens], dtype=torch.long),
+            parents=torch.arange(-1, n - 1, dtype=torch.long),
+        )
+
+    @staticmethod
+    def trie(root: int, sequences: Sequence[Sequence[int]]) -> TokenTree:
+        """Merge candidate continuations of `root` into one tree; shared prefixes become shared nodes.
+
+        Nodes are numbered in the order they are first seen, so earlier sequences get lower indices.
+        """
+        tokens, parents = [root], [-1]
+        children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+        for seq in sequences:
+            node = 0
+            for tok in seq:
+                key = (node, int(tok))
+                if key not in children:
+                    children[key] = len(tokens)
+                    tokens.append(int(tok))
+                    parents.append(node)
+                node = children[key]
+        return TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+
+    @staticmethod
+    def from_choices(root: int, choices: Sequence[Sequence[int]], candidates: torch.Tensor) -> TokenTree:
+        """A static tree shape filled with per-depth candidates (the Medusa tree format).
+
+        Args:
+            root: the last accepted token.
+            choices: paths of candidate ranks, e.g. `[(0,), (1,), (0, 0)]`: `(0, 0)` is the top
+                candidate at depth 2 under the top candidate at depth 1. Every prefix of a choice
+                must itself be a choice (or be empty).
+            candidates: `[depth, k]` token ids; row `d` holds the ranked candidates for depth `d + 1`.
+
+        Raises:
+            ValueError: if a choice's prefix is missing or a rank exceeds `candidates`.
+        """
+        order = sorted({tuple(c) for c in choices}, key=lambda c: (len(c), c))
+        index: dict[tuple[int, ...], int] = {(): 0}
+        tokens, parents = [root], [-1]
+        for choice in order:
+            if choice[:-1] not in index:
+                raise ValueError(f"choice {choice} has no parent choice {choice[:-1]}")
+            depth, rank = len(choice) - 1, choice[-1]
+            if depth >= candidates.shape[0] or rank >= candidates.shape[1]:
+                raise ValueError(f"choice {choice} is outside candidates of shape {tuple(candidates.shape)}")
+            index[choice] = len(tokens)
+            tokens.append(int(candidates[depth, rank]))
+            parents.append(index[choice[:-1]])
+        return TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+
+    # ---------------------------------------------------------------- derived structure
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @cached_property
+    def depth(self) -> torch.Tensor:
+        """`[N]` distance from the root (root = 0)."""
+        depth = [0] * len(self)
+        for i, p in enumerate(self.parents.tolist()[1:], start=1):
+            depth[i] = depth[p] + 1
+        return torch.tensor(depth, dtype=torch.long)
+
+    @cached_property
+    def ancestor_mask(self) -> torch.Tensor:
+        """`[N, N]` bool: `mask[i, j]` is True when `j` is `i` or one of its ancestors."""
+        n = len(self)
+        mask = torch.eye(n, dtype=torch.bool)
+        for i, p in enumerate(self.parents.tolist()[1:], start=1):
+            mask[i] |= mask[p]
+        return mask
+
+    @cached_property
+    def leaves(self) -> list[int]:
+        """Nodes without children, in index order."""
+        has_child = set(self.parents.tolist()[1:])
+        return [i for i in range(len(self)) if i not in has_child]
+
+    @cached_property
+    def paths(self) -> list[list[int]]:
+        """Root-to-leaf node paths, one per leaf, each starting at 0."""
+        return [self.path_to(leaf) for leaf in self.leaves]
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to `node`, both included."""
+        return torch.nonzero(self.ancestor_mask[node]).flatten().tolist()
+
+    def children(self, node: int) -> list[int]:
+        return torch.nonzero(self.parents == node).flatten().tolist()
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depth.max())
+
+    # ---------------------------------------------------------------- transforms
+
+    def select(self, keep: torch.Tensor) -> TokenTree:
+        """The subtree of nodes where `keep` (`[N]` bool) is True; a kept node needs a kept parent.
+
+        Raises:
+            ValueError: if the root is dropped or a kept node's parent is dropped.
+        """
+        keep_list = keep.tolist()
+        parents = self.parents.tolist()
+        if not keep_list[0] or any(k and not keep_list[p] for k, p in zip(keep_list[1:], parents[1:], strict=True)):
+            raise ValueError("select() must keep the root and the parent of every kept node")
+        new_index = torch.cumsum(keep.long(), 0) - 1  # old node -> new node
+        kept = torch.nonzero(keep).flatten()
+        new_parents = torch.where(kept == 0, -1, new_index[self.parents[kept].clamp(min=0)])
+        scores = None if self.scores is None else self.scores[kept]
+        return TokenTree(self.tokens[kept], new_parents, scores)
+
+    def truncate(self, max_depth: int) -> TokenTree:
+        """Drop the nodes deeper than `max_depth` (0 leaves only the root)."""
+        if self.max_depth <= max_depth:
+            return self
+        return self.select(self.depth <= max(max_depth, 0))
+
+
+def expand_topk(
+    tree: TokenTree,
+    frontier: Sequence[int],
+    logprobs: torch.Tensor,
+    branching: int,
+    budget: int,
+) -> tuple[TokenTree, list[int]]:
+    """Grow `tree` by one level: the best children of the frontier nodes, by path log-probability.
+
+    Each frontier node offers its `branching` most likely next tokens; of all those candidates, the
+    ones with the highest path score (`tree.scores[parent] + logprob`) are added, at most `budget`.
+    The most likely child of `frontier[0]` is always added, first: when each frontier starts with the
+    previous level's such child, the tree always holds the draft's greedy chain, the path a greedy
+    target is most likely to accept, even where path scores would prune it.
+
+    Args:
+        tree: the tree so far (`tree.scores` None means all paths score 0).
+        frontier: node indices to expand, one per row of `logprobs`.
+        logprobs: `[F, V]` next-token log-probabilities of each frontier node.
+        branching: most children per frontier node.
+        budget: most nodes to add in total.
+
+    Returns:
+        The grown tree and the indices of the new nodes (the next frontier), best first.
+    """
+    scores = tree.scores if tree.scores is not None else torch.zeros(len(tree))
+    if budget <= 0 or branching <= 0 or len(frontier) == 0:
+        return TokenTree(tree.tokens, tree.parents, scores), []
+    top_lp, top_tok = logprobs.float().topk(min(branching, logprobs.shape[-1]), dim=-1)  # [F, b]
+    parent_idx = torch.as_tensor(frontier, dtype=torch.long)
+    path_scores = scores[parent_idx].unsqueeze(-1) + top_lp  # [F, b]
+    ranked = path_scores.flatten().argsort(descending=True)
+    best = torch.cat([ranked.new_zeros(1), ranked[ranked != 0]])[:budget]  # flat index 0: frontier[0]'s top child
+    rows, cols = best // top_tok.shape[1], best % top_tok.shape[1]
+    n = len(tree)
+    grown = TokenTree(
+        tokens=torch.cat([tree.tokens, top_tok[rows, cols]]),
+        parents=torch.cat([tree.parents, parent_idx[rows]]),
+        scores=torch.cat([scores, path_scores[rows, cols]]),
+    )
+    return grown, list(range(n, n + len(best)))
