@@ -1,0 +1,102 @@
+"""Tree attention on an unmodified Hugging Face causal LM.
+
+All nodes of a `TokenTree` are scored in one forward pass after a cached prefix: a 4D float additive
+mask lets each node see the whole prefix plus its own ancestors, and position ids are
+`prefix length + depth`, so every node gets exactly the logits it would get if its root-to-node path
+were run as a plain sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
+
+from specdec import kv
+from specdec.tree import TokenTree
+
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+def check_supported(config: PretrainedConfig, role: str = "target") -> None:
+    """Refuse models (given by their config) whose attention or cache cannot take an arbitrary tree mask.
+
+    Raises:
+        ValueError: flash / flex attention (no arbitrary masks), sliding-window or hybrid caches
+            (they drop or transform entries, so the tree's entries cannot be kept exactly),
+            or a model that is not a decoder-only LM with a KV cache.
+    """
+    name = type(config).__name__.removesuffix("Config") or "model"
+    if config.is_encoder_decoder:
+        raise ValueError(f"{role} {name} is an encoder-decoder model; specdec supports decoder-only causal LMs")
+    attn = getattr(config, "_attn_implementation", None) or "eager"
+    if attn not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"{role} {name} uses attn_implementation={attn!r}, which cannot take the custom 4D tree mask. "
+            f"Load it with attn_implementation='sdpa' (or 'eager'), e.g. "
+            f"AutoModelForCausalLM.from_pretrained(..., attn_implementation='sdpa')."
+        )
+    if not kv.is_plain_dynamic(config):
+        raise ValueError(
+            f"{role} {name} uses sliding-window, chunked or hybrid cache layers, which specdec cannot compact "
+            f"exactly yet. Use a model with full attention in every layer; if all your sequences are shorter "
+            f"than the window, loading the model with sliding_window=None gives identical results."
+        )
+
+
+def tree_attention_mask(tree: TokenTree, prefix_len: int, dtype: torch.dtype, start: int = 0) -> torch.Tensor:
+    """The additive mask for feeding nodes `start:` of `tree` after a cache of `prefix_len + start` entries.
+
+    The cache holds a plain prefix of `prefix_len` tokens followed by the tree's nodes `0:start` (in index
+    order). Every new node sees the whole prefix, and of the tree only its ancestors and itself.
+
+    Returns:
+        `[1, 1, N - start, prefix_len + N]` float: 0 where visible, `finfo(dtype).min` where not.
+        A float mask is required: a bool mask is silently ignored under eager attention.
+    """
+    visible = torch.cat(
+        [
+            torch.ones(len(tree) - start, prefix_len, dtype=torch.bool),
+            tree.ancestor_mask[start:],
+        ],
+        dim=1,
+    )
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def forward_tree(
+    model: PreTrainedModel,
+    cache: DynamicCache,
+    tree: TokenTree,
+    start: int = 0,
+    output_hidden_states: bool = False,
+):
+    """Run nodes `start:` of `tree` through `model`, appending their keys and values to `cache`.
+
+    `cache` must hold a plain prefix followed by the tree's nodes `0:start`; the prefix length is read
+    from the cache. With `start=0` this scores the whole tree after a cached prefix (verification).
+
+    Returns:
+        The model output; `logits` is `[1, N - start, V]`, row `j` predicting the child of node `start + j`.
+    """
+    device = model.device
+    prefix_len = kv.length(cache) - start
+    mask = tree_attention_mask(tree, prefix_len, model.dtype, start).to(device)
+    positions = (prefix_len + tree.depth[start:]).unsqueeze(0).to(device)  # [1, N - start]
+    return model(
+        input_ids=tree.tokens[start:].unsqueeze(0).to(device),
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=output_hidden_states,
+    )
+
+
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> DynamicCache:
+    """A new cache holding `input_ids` (`[1, L]`, may be empty)."""
+    cache = kv.new_cache(model)
+    if input_ids.shape[-1] > 0:
+        model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True)
+    return cache

@@ -1,0 +1,79 @@
+"""Tree attention: every node gets the logits of its root-to-node path run as a plain sequence."""
+
+import pytest
+import torch
+from tiny import ARCHS, VOCAB, tiny_model
+from transformers import LlamaConfig, MistralConfig
+
+from specdec import kv, verify
+from specdec.tree import TokenTree
+
+
+def sample_tree() -> TokenTree:
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, VOCAB, (d,), generator=gen).tolist() for d in (4, 2, 3, 1)]
+    seqs += [[*seqs[0][:2], 5, 6], [*seqs[2][:1], 7]]  # branches off shared prefixes
+    return TokenTree.trie(9, seqs)
+
+
+def path_logits(model, prefix: torch.Tensor, tree: TokenTree, path: list[int]) -> torch.Tensor:
+    sequence = torch.cat([prefix[0], tree.tokens[path]]).unsqueeze(0)
+    return model(sequence).logits[0, prefix.shape[1] :]  # [len(path), V]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.inference_mode()
+def test_tree_logits_equal_path_logits(arch, attn):
+    model = tiny_model(arch, attn)
+    prefix = torch.randint(3, VOCAB, (1, 11), generator=torch.Generator().manual_seed(1))
+    tree = sample_tree()
+    cache = verify.prefill(model, prefix)
+    logits = verify.forward_tree(model, cache, tree).logits[0]  # [N, V]
+    assert kv.length(cache) == prefix.shape[1] + len(tree)
+    for path in tree.paths:
+        torch.testing.assert_close(logits[path], path_logits(model, prefix, tree, path), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@torch.inference_mode()
+def test_feeding_a_tree_in_parts_equals_one_pass(arch):
+    """Drafters feed a tree level by level (`start > 0`); the logits must not change."""
+    model = tiny_model(arch)
+    prefix = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    tree = sample_tree()
+    whole = verify.forward_tree(model, verify.prefill(model, prefix), tree).logits[0]
+    cache = verify.prefill(model, prefix)
+    parts = [verify.forward_tree(model, cache, tree.select(torch.arange(len(tree)) < 4)).logits[0]]
+    parts.append(verify.forward_tree(model, cache, tree, start=4).logits[0])
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_is_float_additive_with_prefix_visible():
+    tree = TokenTree.trie(0, [[1, 2], [3]])
+    mask = verify.tree_attention_mask(tree, prefix_len=2, dtype=torch.float32)
+    assert mask.shape == (1, 1, 4, 6) and mask.dtype == torch.float32
+    visible = mask[0, 0] == 0
+    assert visible[:, :2].all()
+    assert torch.equal(visible[:, 2:], tree.ancestor_mask)
+    assert (mask[0, 0][~visible] == torch.finfo(torch.float32).min).all()
+
+
+def test_flash_attention_is_refused():
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
+    config._attn_implementation = "flash_attention_2"  # cannot be instantiated on CPU; the check reads the config
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        verify.check_supported(config)
+
+
+def test_flex_attention_model_is_refused():
+    model = tiny_model("llama", attn="flex_attention")
+    with pytest.raises(ValueError, match="flex_attention"):
+        verify.check_supported(model.config)
+
+
+def test_sliding_window_cache_is_refused():
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
+    assert config.sliding_window is not None  # Mistral's default
+    with pytest.raises(ValueError, match="sliding_window=None"):
+        verify.check_supported(config)
