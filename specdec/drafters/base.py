@@ -1,0 +1,48 @@
+"""The draft-source protocol: propose a token tree, then hear which part of it was accepted."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from specdec.acceptance import Acceptance
+from specdec.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class DecodeState:
+    """What a draft source may look at when proposing.
+
+    Attributes:
+        tokens: `[1, L]` every token so far (prompt and output); `tokens[0, -1]` is the root of the tree
+            to propose.
+        max_depth: the deepest draft worth proposing (new tokens still allowed, minus the bonus token).
+    """
+
+    tokens: torch.Tensor  # [1, L]
+    max_depth: int
+
+    @property
+    def root(self) -> int:
+        return int(self.tokens[0, -1])
+
+
+class Drafter(ABC):
+    """A draft source. One instance serves one generation at a time."""
+
+    def start(self, target: PreTrainedModel) -> None:
+        """Called once before each generation: check compatibility with `target`, reset state.
+
+        Raises:
+            ValueError: when this source cannot draft for `target` (e.g. another vocabulary).
+        """
+
+    @abstractmethod
+    def propose(self, state: DecodeState) -> TokenTree:
+        """A tree rooted at `state.root`, at most `state.max_depth` deep (a root-only tree drafts nothing)."""
+
+    def commit(self, acceptance: Acceptance) -> None:
+        """Called after verification of the last proposed tree, so stateful sources roll forward."""

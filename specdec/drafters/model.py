@@ -1,0 +1,91 @@
+"""A separate small causal LM as the draft source."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from specdec import kv, verify
+from specdec.acceptance import Acceptance
+from specdec.drafters.base import DecodeState, Drafter
+from specdec.tree import TokenTree, expand_topk
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    """The width of the model's logits."""
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
+
+
+class ModelDrafter(Drafter):
+    """Drafts with any Hugging Face causal LM that shares the target's vocabulary.
+
+    Each level of the tree costs one draft forward: level `d` holds the `branching` most likely nodes at
+    depth `d` by path probability, each frontier node offering its `branching` best next tokens.
+    `branching=1` gives a chain. The draft keeps its own KV cache in step with the accepted tokens: the
+    accepted path's entries are kept after each step, so the context is never prefilled again.
+
+    Args:
+        model: the draft LM (eval mode; eager or sdpa attention).
+        depth: most draft tokens on a path.
+        branching: children per expanded node and nodes kept per level (1 = chain).
+        tree_budget: most draft nodes in the tree (root not counted).
+
+    Example:
+        >>> drafter = ModelDrafter(small_model, depth=5, branching=2, tree_budget=10)
+        >>> SpeculativeGenerator(target, drafter).generate(input_ids, max_new_tokens=64)
+    """
+
+    def __init__(self, model: PreTrainedModel, depth: int = 5, branching: int = 2, tree_budget: int = 10):
+        if depth < 1 or branching < 1 or tree_budget < 1:
+            raise ValueError(f"depth, branching and tree_budget must be >= 1, got {depth}, {branching}, {tree_budget}")
+        verify.check_supported(model.config, role="draft model")
+        self.model = model
+        self.depth, self.branching, self.tree_budget = depth, branching, tree_budget
+        self._cache = None
+        self._committed = 0  # draft cache entries that hold accepted tokens
+        self._fed = 0  # nodes of the last proposed tree whose entries follow them in the cache
+
+    def start(self, target: PreTrainedModel) -> None:
+        if vocab_size(self.model) != vocab_size(target):
+            raise ValueError(
+                f"the draft model's vocabulary ({vocab_size(self.model)} tokens) differs from the target's "
+                f"({vocab_size(target)}); a draft model must use the target's tokenizer"
+            )
+        self._cache = kv.new_cache(self.model)
+        self._committed = 0
+        self._fed = 0
+
+    @torch.inference_mode()
+    def propose(self, state: DecodeState) -> TokenTree:
+        if self._cache is None:
+            raise RuntimeError("ModelDrafter.start(target) must be called before propose()")
+        tree = TokenTree.chain(state.root)
+        self._fed = 0
+        if state.max_depth < 1:
+            return tree
+        # Catch up on the tokens accepted since the last step; the last of them is the root.
+        pending = state.tokens[0, self._committed :].tolist()
+        out = verify.forward_tree(self.model, self._cache, TokenTree.chain(pending[0], pending[1:]))
+        self._committed = state.tokens.shape[1]
+        self._fed = 1  # the root sits at the end of the cache now
+        logprobs = torch.log_softmax(out.logits[0, -1:].float(), dim=-1).cpu()  # [1, V]
+        frontier = [0]
+        for level in range(min(self.depth, state.max_depth)):
+            room = self.tree_budget - (len(tree) - 1)
+            tree, frontier = expand_topk(tree, frontier, logprobs, self.branching, min(self.branching, room))
+            if not frontier or level == min(self.depth, state.max_depth) - 1 or room <= len(frontier):
+                break
+            out = verify.forward_tree(self.model, self._cache, tree, start=self._fed)
+            self._fed = len(tree)
+            logprobs = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()  # [F, V]
+        return tree
+
+    def commit(self, acceptance: Acceptance) -> None:
+        if self._fed == 0:  # nothing was drafted: the cache still holds only accepted tokens
+            return
+        # The cache holds the context up to the root, then the fed tree nodes 1.._fed-1: keep the accepted ones.
+        prefix = self._committed - 1
+        in_cache = [node for node in acceptance.path if node < self._fed]
+        kv.keep_path(self._cache, prefix, in_cache)
+        self._committed = prefix + len(in_cache)

@@ -1,0 +1,284 @@
+"""The speculative decoding loop and its Hugging Face compatible `generate()`.
+
+One step: the drafter proposes a token tree rooted at the last token, the target scores every node in
+one forward, the acceptance rule keeps the longest matching path plus a bonus token, the target's cache
+keeps the accepted path's entries, and the drafter rolls forward. Invariant between steps: the target's
+cache holds every token but the last one (the next tree's root).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.generation import GenerateDecoderOnlyOutput, MaxTimeCriteria, StoppingCriteriaList
+
+from specdec import acceptance, kv, verify
+from specdec.drafters.base import DecodeState, Drafter
+
+# Generation options whose logits processing or search specdec does not reproduce, with their neutral value.
+_UNSUPPORTED_OPTIONS = {
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "num_beam_groups": 1,
+    "penalty_alpha": None,
+    "dola_layers": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "constraints": None,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "sequence_bias": None,
+    "guidance_scale": 1.0,
+    "watermarking_config": None,
+    "stop_strings": None,
+    "prompt_lookup_num_tokens": None,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "use_cache": True,
+}
+
+
+@dataclass
+class SpecStats:
+    """What one speculative generation did.
+
+    Attributes:
+        accept_lengths: new tokens per target verification forward (accepted draft tokens + the bonus
+            token), Spec-Bench's definition; the last step may be cut short by a stop.
+        tree_sizes: nodes scored per verification (root included).
+        target_forwards: target forwards, prefill included.
+        prefill_time, draft_time, verify_time: seconds spent prefilling the target, drafting, and in
+            verification forwards.
+    """
+
+    accept_lengths: list[int] = field(default_factory=list)
+    tree_sizes: list[int] = field(default_factory=list)
+    target_forwards: int = 0
+    prefill_time: float = 0.0
+    draft_time: float = 0.0
+    verify_time: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(self.accept_lengths)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Mean new tokens per verification step (1.0 = no speedup from drafting)."""
+        return self.new_tokens / max(len(self.accept_lengths), 1)
+
+
+@dataclass
+class SpeculativeOutput(GenerateDecoderOnlyOutput):
+    """`target.generate(..., return_dict_in_generate=True)`'s output, plus `spec_stats`."""
+
+    spec_stats: SpecStats | None = None
+
+
+@dataclass(frozen=True)
+class _Limits:
+    max_length: int
+    padding_ids: tuple[int, ...]  # left padding removed from the prompt, for stopping criteria
+    eos_token_ids: frozenset[int]
+    stopping_criteria: StoppingCriteriaList
+    keep_logits: bool
+
+
+class SpeculativeGenerator:
+    """Speculative decoding for a Hugging Face causal LM, output identical to `target.generate`.
+
+    Args:
+        target: the model whose output is reproduced (eager or sdpa attention, full-attention cache).
+        drafter: the draft source, e.g. `ModelDrafter(small_model)`.
+
+    Raises:
+        ValueError: if the target's attention implementation or cache cannot take tree masks.
+
+    Example:
+        >>> gen = SpeculativeGenerator(target, drafter=ModelDrafter(draft))
+        >>> out = gen.generate(input_ids, max_new_tokens=128, return_dict_in_generate=True)
+        >>> out.sequences, out.spec_stats.mean_accepted_length
+    """
+
+    def __init__(self, target: PreTrainedModel, drafter: Drafter):
+        verify.check_supported(target.config)
+        self.target = target
+        self.drafter = drafter
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer=None,
+        **kwargs,
+    ) -> torch.Tensor | SpeculativeOutput:
+        """Generate like `target.generate(...)`; takes the same arguments and returns the same types.
+
+        Raises:
+            ValueError: empty prompt, a padding pattern other than left padding, no room for new tokens.
+            NotImplementedError: batch size > 1, sampling, and options (beam search, repetition penalty,
+                ...) that specdec does not reproduce yet; use `target.generate` for those.
+        """
+        config, model_kwargs = _resolve_config(self.target, generation_config, kwargs)
+        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        if model_kwargs:
+            raise TypeError(f"unsupported generate() arguments: {sorted(model_kwargs)}")
+        prompt, padding = _unpad(input_ids, attention_mask)
+        limits = _limits(config, input_ids[0, :padding].tolist(), prompt.shape[1], stopping_criteria)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        new_tokens, logits, stats = self._decode(prompt, limits, streamer)
+        if streamer is not None:
+            streamer.end()
+        sequences = torch.cat([input_ids, torch.tensor([new_tokens], dtype=input_ids.dtype).to(input_ids.device)], 1)
+        if not config.return_dict_in_generate:
+            return sequences
+        return SpeculativeOutput(
+            sequences=sequences,
+            scores=tuple(logits) if config.output_scores else None,
+            logits=tuple(logits) if config.output_logits else None,
+            spec_stats=stats,
+        )
+
+    def _decode(
+        self, prompt: torch.Tensor, limits: _Limits, streamer
+    ) -> tuple[list[int], list[torch.Tensor], SpecStats]:
+        """The loop: propose, verify, accept, compact, commit, stop checks. `prompt` is `[1, L]`, unpadded."""
+        stats = SpecStats()
+        tokens = prompt.cpu()[0].tolist()
+        new_tokens: list[int] = []
+        new_logits: list[torch.Tensor] = []  # [1, V] per new token when asked for
+        self.drafter.start(self.target)
+
+        tic = _now(self.target)
+        cache = verify.prefill(self.target, prompt[:, :-1])
+        stats.prefill_time, stats.target_forwards = _now(self.target) - tic, int(prompt.shape[1] > 1)
+
+        while True:
+            room = limits.max_length - len(limits.padding_ids) - len(tokens)  # new tokens still allowed
+            state = DecodeState(tokens=torch.tensor([tokens]), max_depth=room - 1)
+            tic = _now(self.target)
+            tree = self.drafter.propose(state).truncate(state.max_depth)
+            if int(tree.tokens[0]) != state.root:
+                raise RuntimeError(f"{type(self.drafter).__name__} proposed a tree not rooted at the last token")
+            toc = _now(self.target)
+            logits = verify.forward_tree(self.target, cache, tree).logits[0]  # [N, V]
+            stats.draft_time += toc - tic
+            stats.verify_time += _now(self.target) - toc
+            stats.target_forwards += 1
+            stats.tree_sizes.append(len(tree))
+
+            accepted = acceptance.greedy(tree, logits)
+            kv.keep_path(cache, len(tokens) - 1, accepted.path)
+            self.drafter.commit(accepted)
+
+            emitted, done = [], False
+            for node, token in zip(accepted.path, accepted.tokens, strict=True):
+                tokens.append(token)
+                emitted.append(token)
+                if limits.keep_logits:
+                    new_logits.append(logits[node : node + 1].float().clone())
+                if done := self._should_stop(tokens, logits[node : node + 1], limits):
+                    break
+            new_tokens += emitted
+            stats.accept_lengths.append(len(emitted))
+            if streamer is not None:
+                streamer.put(torch.tensor(emitted))
+            if done:
+                return new_tokens, new_logits, stats
+
+    @staticmethod
+    def _should_stop(tokens: list[int], scores: torch.Tensor, limits: _Limits) -> bool:
+        if tokens[-1] in limits.eos_token_ids or len(limits.padding_ids) + len(tokens) >= limits.max_length:
+            return True
+        if not limits.stopping_criteria:
+            return False
+        input_ids = torch.tensor([[*limits.padding_ids, *tokens]])  # the sequence as HF's criteria see it
+        return bool(limits.stopping_criteria(input_ids, scores).any())
+
+
+def generate(target: PreTrainedModel, inputs: torch.Tensor | None = None, *, drafter: Drafter, **kwargs):
+    """Functional form: `SpeculativeGenerator(target, drafter).generate(inputs, **kwargs)`."""
+    return SpeculativeGenerator(target, drafter).generate(inputs, **kwargs)
+
+
+def _resolve_config(
+    target: PreTrainedModel, generation_config: GenerationConfig | None, kwargs: dict
+) -> tuple[GenerationConfig, dict]:
+    """Hugging Face's priority: keyword arguments > `generation_config` > `target.generation_config`."""
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    config.update(**target.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+    model_kwargs = config.update(**kwargs)
+    if config.do_sample:
+        raise NotImplementedError(
+            "do_sample=True is not supported yet: specdec is lossless for greedy decoding; use do_sample=False"
+        )
+    for name, neutral in _UNSUPPORTED_OPTIONS.items():
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            raise NotImplementedError(
+                f"generation option {name}={value!r} is not supported by specdec's speculative decoding; "
+                f"remove it, or use target.generate() for this call"
+            )
+    return config, model_kwargs
+
+
+def _unpad(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """The prompt without left padding (`[1, L]`) and the number of padding tokens removed."""
+    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        shape = None if input_ids is None else tuple(input_ids.shape)
+        raise ValueError(f"an empty prompt cannot be continued: pass input_ids of shape [1, L>=1], got {shape}")
+    if input_ids.shape[0] != 1:
+        raise NotImplementedError(
+            f"batch size {input_ids.shape[0]} is not supported yet: call generate once per prompt (batch size 1)"
+        )
+    if attention_mask is None or bool(attention_mask.all()):
+        return input_ids, 0
+    padding = int((attention_mask[0] == 0).sum())
+    if bool(attention_mask[0, :padding].any()) or padding == input_ids.shape[1]:
+        raise ValueError("attention_mask must be ones after left padding, with at least one unpadded token")
+    return input_ids[:, padding:], padding
+
+
+def _limits(
+    config: GenerationConfig, padding_ids: list[int], prompt_length: int, stopping_criteria: StoppingCriteriaList | None
+) -> _Limits:
+    input_length = len(padding_ids) + prompt_length
+    if config.max_new_tokens is not None:
+        max_length = input_length + config.max_new_tokens
+    else:
+        max_length = config.max_length if config.max_length is not None else 20
+    if max_length <= input_length:
+        raise ValueError(
+            f"no room for new tokens: max_length={max_length} with a prompt of {input_length} tokens; "
+            f"set max_new_tokens >= 1"
+        )
+    eos = config.eos_token_id
+    eos_ids = frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else [int(e) for e in eos])
+    criteria = StoppingCriteriaList(stopping_criteria or [])
+    if config.max_time is not None:
+        criteria.append(MaxTimeCriteria(config.max_time))
+    keep_logits = bool(config.return_dict_in_generate and (config.output_scores or config.output_logits))
+    return _Limits(max_length, tuple(padding_ids), eos_ids, criteria, keep_logits)
+
+
+def _now(model: PreTrainedModel) -> float:
+    """Wall time after the model's device has finished queued work."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
