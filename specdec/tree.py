@@ -69,23 +69,43 @@ class TokenTree:
         )
 
     @staticmethod
-    def trie(root: int, sequences: Sequence[Sequence[int]]) -> TokenTree:
+    def trie(
+        root: int,
+        sequences: Sequence[Sequence[int]],
+        scores: Sequence[Sequence[float]] | None = None,
+        budget: int | None = None,
+    ) -> TokenTree:
         """Merge candidate continuations of `root` into one tree; shared prefixes become shared nodes.
 
-        Nodes are numbered in the order they are first seen, so earlier sequences get lower indices.
+        Args:
+            root: the last accepted token.
+            sequences: candidate continuations, best first; nodes are numbered in the order first seen.
+            scores: optional path log-probability of each token of each sequence; a node shared by several
+                sequences keeps the highest.
+            budget: most nodes to add (root not counted); later sequences are cut where it runs out.
         """
-        tokens, parents = [root], [-1]
+        tokens, parents, node_scores = [root], [-1], [0.0]
         children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
-        for seq in sequences:
+        for s, seq in enumerate(sequences):
             node = 0
-            for tok in seq:
+            for k, tok in enumerate(seq):
+                score = scores[s][k] if scores is not None else 0.0
                 key = (node, int(tok))
-                if key not in children:
+                if key in children:
+                    node_scores[children[key]] = max(node_scores[children[key]], score)
+                elif budget is not None and len(tokens) > budget:
+                    break
+                else:
                     children[key] = len(tokens)
                     tokens.append(int(tok))
                     parents.append(node)
+                    node_scores.append(score)
                 node = children[key]
-        return TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+        return TokenTree(
+            torch.tensor(tokens, dtype=torch.long),
+            torch.tensor(parents, dtype=torch.long),
+            torch.tensor(node_scores) if scores is not None else None,
+        )
 
     @staticmethod
     def from_choices(root: int, choices: Sequence[Sequence[int]], candidates: torch.Tensor) -> TokenTree:
@@ -159,6 +179,11 @@ class TokenTree:
     def max_depth(self) -> int:
         return int(self.depth.max())
 
+    @property
+    def expected_gain(self) -> float:
+        """Expected accepted draft tokens if `scores` are calibrated path log-probabilities (0 if unscored)."""
+        return 0.0 if self.scores is None or len(self) == 1 else float(self.scores[1:].exp().sum())
+
     # ---------------------------------------------------------------- transforms
 
     def select(self, keep: torch.Tensor) -> TokenTree:
@@ -190,6 +215,7 @@ def expand_topk(
     logprobs: torch.Tensor,
     branching: int,
     budget: int,
+    min_score: float = float("-inf"),
 ) -> tuple[TokenTree, list[int]]:
     """Grow `tree` by one level: the best children of the frontier nodes, by path log-probability.
 
@@ -205,6 +231,7 @@ def expand_topk(
         logprobs: `[F, V]` next-token log-probabilities of each frontier node.
         branching: most children per frontier node.
         budget: most nodes to add in total.
+        min_score: candidates whose path score is below it are not added (a confidence stop).
 
     Returns:
         The grown tree and the indices of the new nodes (the next frontier), best first.
@@ -217,6 +244,7 @@ def expand_topk(
     path_scores = scores[parent_idx].unsqueeze(-1) + top_lp  # [F, b]
     ranked = path_scores.flatten().argsort(descending=True)
     best = torch.cat([ranked.new_zeros(1), ranked[ranked != 0]])[:budget]  # flat index 0: frontier[0]'s top child
+    best = best[path_scores.flatten()[best] >= min_score]
     rows, cols = best // top_tok.shape[1], best % top_tok.shape[1]
     n = len(tree)
     grown = TokenTree(

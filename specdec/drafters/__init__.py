@@ -1,6 +1,8 @@
 """Draft sources: each proposes a `TokenTree` rooted at the last accepted token."""
 
 from specdec.drafters.base import DecodeState, Drafter
+from specdec.drafters.composite import Composite
 from specdec.drafters.model import ModelDrafter
+from specdec.drafters.ngram import NGramDrafter
 
-__all__ = ["DecodeState", "Drafter", "ModelDrafter"]
+__all__ = ["Composite", "DecodeState", "Drafter", "ModelDrafter", "NGramDrafter"]

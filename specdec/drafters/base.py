@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -19,11 +20,20 @@ class DecodeState:
     Attributes:
         tokens: `[1, L]` every token so far (prompt and output); `tokens[0, -1]` is the root of the tree
             to propose.
-        max_depth: the deepest draft worth proposing (new tokens still allowed, minus the bonus token).
+        max_depth: the deepest draft worth proposing (0: draft nothing, this is a plain step).
+        budget: most draft nodes (None: the source's own limit).
+        threshold: confidence stop: do not extend a branch whose path probability is below it.
     """
 
     tokens: torch.Tensor  # [1, L]
     max_depth: int
+    budget: int | None = None
+    threshold: float = 0.0
+
+    @property
+    def min_score(self) -> float:
+        """`threshold` as a path log-probability."""
+        return math.log(self.threshold) if self.threshold > 0 else float("-inf")
 
     @property
     def root(self) -> int:

@@ -1,0 +1,114 @@
+"""Self-speculative n-gram streaming: continuations found in the prompt and in what was generated so far.
+
+No model and no training: the last `n` tokens are looked up in an index of every earlier n-gram (longest
+`n` first), and the tokens that followed earlier occurrences are proposed. Several distinct
+continuations are merged into one token tree (a trie), ranked by match length, then by how often their
+first token followed the n-gram, then by how recently. The index is updated incrementally as tokens are
+accepted, so a step costs the same whatever the context length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict, deque
+
+from specdec.drafters.base import DecodeState, Drafter
+from specdec.tree import TokenTree
+
+
+class NGramIndex:
+    """Maps every n-gram (`min_n <= n <= max_n`) of a growing token list to the positions that follow it.
+
+    Only the `recent` newest occurrences of each n-gram are kept, so a lookup costs the same whatever the
+    context length; appending a token costs `max_n - min_n + 1` dictionary updates.
+    """
+
+    def __init__(self, min_n: int, max_n: int, recent: int):
+        self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
+        self._follow: dict[tuple[int, ...], deque[int]] = defaultdict(lambda: deque(maxlen=recent))
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            i = len(self.tokens)  # the n-grams ending just before position i are followed by it
+            for n in range(self.min_n, min(self.max_n, i) + 1):
+                self._follow[tuple(self.tokens[i - n : i])].append(i)
+            self.tokens.append(token)
+
+    def continuations(self, n: int, length: int) -> list[list[int]]:
+        """What followed earlier occurrences of the last `n` tokens, newest first (at most `length` each)."""
+        if len(self.tokens) < n:
+            return []
+        positions = self._follow.get(tuple(self.tokens[-n:]), ())
+        return [self.tokens[p : p + length] for p in reversed(positions)]
+
+
+class NGramDrafter(Drafter):
+    """Drafts by matching the context's suffix against the prompt and the output so far.
+
+    Args:
+        max_ngram, min_ngram: suffix lengths tried, longest first.
+        depth: most draft tokens on a path.
+        branches: most distinct continuations merged into the tree.
+        tree_budget: most draft nodes (root not counted).
+        recent: newest occurrences remembered per n-gram.
+
+    Tree scores are log relative frequencies: for a node at depth k, the share of the matched n-gram's
+    occurrences (plus one pseudo-occurrence) whose continuation starts with the node's path. They play
+    the role a draft model's path probability plays, for ranking and confidence stops; verification
+    ignores them.
+    """
+
+    def __init__(
+        self,
+        max_ngram: int = 4,
+        min_ngram: int = 1,
+        depth: int = 8,
+        branches: int = 3,
+        tree_budget: int = 16,
+        recent: int = 8,
+    ):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if min(depth, branches, tree_budget, recent) < 1:
+            raise ValueError("depth, branches, tree_budget and recent must be >= 1")
+        self.max_ngram, self.min_ngram, self.recent = max_ngram, min_ngram, recent
+        self.depth, self.branches, self.tree_budget = depth, branches, tree_budget
+        self.index = NGramIndex(min_ngram, max_ngram, recent)
+
+    def start(self, target) -> None:
+        self.index = NGramIndex(self.min_ngram, self.max_ngram, self.recent)
+
+    def propose(self, state: DecodeState) -> TokenTree:
+        self.index.extend(state.tokens[0, len(self.index.tokens) :].tolist())
+        depth = min(self.depth, state.max_depth)
+        if depth < 1:
+            return TokenTree.chain(state.root)
+        sequences, scores = self.candidates(depth)
+        # confidence stop: cut each continuation where its relative frequency drops below the threshold
+        # (the best continuation keeps its first token, so acceptance is measured even below the threshold)
+        cuts = [sum(1 for s in seq_scores if s >= state.min_score) for seq_scores in scores]
+        cuts[:1] = [max(cuts[0], 1)] if cuts else []
+        sequences = [seq[:k] for seq, k in zip(sequences, cuts, strict=True)]
+        scores = [seq_scores[:k] for seq_scores, k in zip(scores, cuts, strict=True)]
+        budget = min(self.tree_budget, state.budget or self.tree_budget)
+        return TokenTree.trie(state.root, sequences, scores, budget=budget)
+
+    def candidates(self, depth: int) -> tuple[list[list[int]], list[list[float]]]:
+        """Up to `branches` distinct continuations, best first, with the log frequency of each prefix."""
+        chosen: list[list[int]] = []
+        scores: list[list[float]] = []
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            found = self.index.continuations(n, depth)  # newest first
+            prefix_counts = Counter(tuple(c[:k]) for c in found for k in range(1, len(c) + 1))
+            # most frequent first token first; the sort is stable, so ties stay newest first
+            for cont in sorted(found, key=lambda c: -prefix_counts[tuple(c[:1])]):
+                if any(c[: len(cont)] == cont for c in chosen):
+                    continue  # nothing new: equal to, or a prefix of, a continuation already chosen
+                chosen.append(cont)
+                # +1: a pseudo-occurrence that continued otherwise, so a single match is not certainty
+                share = [prefix_counts[tuple(cont[:k])] / (len(found) + 1) for k in range(1, len(cont) + 1)]
+                scores.append([math.log(p) for p in share])
+                if len(chosen) == self.branches:
+                    return chosen, scores
+        return chosen, scores

@@ -1,0 +1,89 @@
+"""N-gram streaming source and Composite: index, ranking, and greedy equality with target.generate."""
+
+import pytest
+import torch
+from tiny import VOCAB, small_draft, tiny_model
+
+import specdec
+from specdec.drafters import Composite, DecodeState, ModelDrafter, NGramDrafter
+from specdec.drafters.composite import follow, merge_trees
+from specdec.drafters.ngram import NGramIndex
+from specdec.tree import TokenTree
+
+
+def test_index_finds_continuations_newest_first_and_grows_incrementally():
+    index = NGramIndex(min_n=1, max_n=3, recent=8)
+    index.extend([5, 6, 7, 5, 6, 8, 5, 6])
+    assert index.continuations(2, 3) == [[8, 5, 6], [7, 5, 6]]  # after "5 6": newest first
+    assert index.continuations(3, 2) == []  # "8 5 6" occurred only now
+    index.extend([8])
+    assert index.continuations(3, 2) == [[5, 6]]  # "5 6 8" occurred once before, followed by "5 6"
+    assert index.continuations(1, 2) == [[5, 6]]  # after "8"
+
+
+def test_index_forgets_beyond_recent():
+    index = NGramIndex(min_n=1, max_n=1, recent=2)
+    index.extend([1, 10, 1, 11, 1, 12, 1])
+    assert index.continuations(1, 1) == [[12], [11]]
+
+
+def test_drafter_merges_distinct_continuations_longest_match_first():
+    drafter = NGramDrafter(max_ngram=2, min_ngram=1, depth=3, branches=3, tree_budget=16)
+    tokens = [9, 1, 2, 3, 4, 7, 1, 2, 3, 5, 8, 2, 6, 1, 2]  # "1 2" -> 3 4 7 | 3 5 8 ; "2" -> 6 1 2 as well
+    tree = drafter.propose(DecodeState(tokens=torch.tensor([tokens]), max_depth=10))
+    assert tree.tokens[0] == 2
+    paths = [tree.tokens[p[1:]].tolist() for p in tree.paths]
+    assert paths == [[3, 5, 8], [3, 4, 7], [6, 1, 2]]  # bigram matches (newest first), then the unigram one
+    assert torch.allclose(tree.scores[1], torch.log(torch.tensor(2 / 3)))  # "3" follows both of 2 matches
+    drafter.start(None)  # a new generation: a context without repeats proposes nothing
+    assert drafter.propose(DecodeState(tokens=torch.tensor([[40, 41, 42]]), max_depth=5)).tokens.tolist() == [42]
+
+
+def test_tree_budget_and_depth_are_respected():
+    drafter = NGramDrafter(depth=4, branches=5, tree_budget=6)
+    tokens = torch.randint(3, 20, (1, 300), generator=torch.Generator().manual_seed(0))
+    tree = drafter.propose(DecodeState(tokens=tokens, max_depth=3))
+    assert 1 < len(tree) <= 7 and tree.max_depth <= 3
+
+
+def test_merge_and_follow():
+    a = TokenTree.trie(0, [[1, 2], [3]], scores=[[-0.1, -0.2], [-1.0]])
+    b = TokenTree.trie(0, [[1, 4]], scores=[[-0.5, -0.6]])
+    merged = merge_trees([a, b], budget=10)
+    assert sorted(merged.tokens[p[1:]].tolist() for p in merged.paths) == [[1, 2], [1, 4], [3]]
+    assert len(merged) == 5  # the shared "1" is one node
+    assert follow(b, [1, 2]) == [0, 1] and follow(a, [1, 2]) == [0, 1, 2]
+
+
+def repeating_prompt(seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    segment = torch.randint(3, VOCAB, (12,), generator=gen)
+    filler = torch.randint(3, VOCAB, (5,), generator=gen)
+    return torch.cat([segment, filler, segment, filler, segment[:6]]).unsqueeze(0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t, d: NGramDrafter(branches=1, depth=6),  # chain
+        lambda t, d: NGramDrafter(branches=3, depth=6),  # tree
+        lambda t, d: Composite([NGramDrafter(), ModelDrafter(d, branching=1)]),
+        lambda t, d: Composite([NGramDrafter(), ModelDrafter(d, depth=3, branching=2)], skip_gain=100.0),  # merge
+        lambda t, d: Composite([NGramDrafter(), ModelDrafter(t, depth=4, branching=1)]),
+    ],
+    ids=["ngram-chain", "ngram-tree", "composite", "composite-merged", "composite-self"],
+)
+def test_greedy_equals_target_generate(arch, make):
+    target, draft = tiny_model(arch), small_draft(arch)
+    drafter = make(target, draft)
+    gained = []
+    for seed in range(2):
+        x = repeating_prompt(seed)
+        expected = target.generate(x, max_new_tokens=40, do_sample=False, eos_token_id=None)
+        out = specdec.generate(
+            target, x, drafter=drafter, max_new_tokens=40, eos_token_id=None, return_dict_in_generate=True
+        )
+        assert torch.equal(out.sequences, expected)
+        gained.append(out.spec_stats.mean_accepted_length)
+    assert max(gained) > 1.0  # matches really happened and were accepted
