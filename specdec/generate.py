@@ -17,6 +17,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.generation import GenerateDecoderOnlyOutput, MaxTimeCriteria, StoppingCriteriaList
 
 from specdec import acceptance, kv, verify
+from specdec.control import Controller
 from specdec.drafters.base import DecodeState, Drafter
 
 # Generation options whose logits processing or search specdec does not reproduce, with their neutral value.
@@ -50,6 +51,9 @@ _UNSUPPORTED_OPTIONS = {
 }
 
 
+_DEFAULT = object()  # "no argument given", so that None can mean "no controller"
+
+
 @dataclass
 class SpecStats:
     """What one speculative generation did.
@@ -61,6 +65,8 @@ class SpecStats:
         target_forwards: target forwards, prefill included.
         prefill_time, draft_time, verify_time: seconds spent prefilling the target, drafting, and in
             verification forwards.
+        plans: the controller's decision for each step (speculate, depth, budget, threshold); empty
+            without a controller.
     """
 
     accept_lengths: list[int] = field(default_factory=list)
@@ -69,6 +75,17 @@ class SpecStats:
     prefill_time: float = 0.0
     draft_time: float = 0.0
     verify_time: float = 0.0
+    plans: list[dict] = field(default_factory=list)
+
+    @property
+    def fallback_steps(self) -> int:
+        """Plain target steps the controller chose instead of speculating."""
+        return sum(not p["speculate"] for p in self.plans)
+
+    @property
+    def thresholds(self) -> list[float]:
+        """The confidence threshold in force at each step."""
+        return [p["threshold"] for p in self.plans]
 
     @property
     def new_tokens(self) -> int:
@@ -102,6 +119,9 @@ class SpeculativeGenerator:
     Args:
         target: the model whose output is reproduced (eager or sdpa attention, full-attention cache).
         drafter: the draft source, e.g. `ModelDrafter(small_model)`.
+        controller: adapts depth, node budget and confidence threshold from measured acceptance and
+            costs, and falls back to plain steps when drafting does not pay (`Controller()` by default;
+            `None` drafts exactly as the drafter is configured). It keeps learning across calls.
 
     Raises:
         ValueError: if the target's attention implementation or cache cannot take tree masks.
@@ -112,10 +132,11 @@ class SpeculativeGenerator:
         >>> out.sequences, out.spec_stats.mean_accepted_length
     """
 
-    def __init__(self, target: PreTrainedModel, drafter: Drafter):
+    def __init__(self, target: PreTrainedModel, drafter: Drafter, controller: Controller | None = _DEFAULT):
         verify.check_supported(target.config)
         self.target = target
         self.drafter = drafter
+        self.controller = Controller() if controller is _DEFAULT else controller
 
     @torch.inference_mode()
     def generate(
@@ -171,21 +192,34 @@ class SpeculativeGenerator:
 
         while True:
             room = limits.max_length - len(limits.padding_ids) - len(tokens)  # new tokens still allowed
-            state = DecodeState(tokens=torch.tensor([tokens]), max_depth=room - 1)
+            plan = self.controller.plan() if self.controller else None
+            state = _state(tokens, room, plan)
             tic = _now(self.target)
             tree = self.drafter.propose(state).truncate(state.max_depth)
             if int(tree.tokens[0]) != state.root:
                 raise RuntimeError(f"{type(self.drafter).__name__} proposed a tree not rooted at the last token")
             toc = _now(self.target)
             logits = verify.forward_tree(self.target, cache, tree).logits[0]  # [N, V]
+            verified = _now(self.target)
             stats.draft_time += toc - tic
-            stats.verify_time += _now(self.target) - toc
+            stats.verify_time += verified - toc
             stats.target_forwards += 1
             stats.tree_sizes.append(len(tree))
 
             accepted = acceptance.greedy(tree, logits)
             kv.keep_path(cache, len(tokens) - 1, accepted.path)
             self.drafter.commit(accepted)
+            if plan is not None:
+                stats.plans.append(self.controller.history[-1])
+                self.controller.update(
+                    plan,
+                    len(tree),
+                    tree.max_depth,
+                    accepted.num_accepted,
+                    tree.expected_gain,
+                    toc - tic,
+                    verified - toc,
+                )
 
             emitted, done = [], False
             for node, token in zip(accepted.path, accepted.tokens, strict=True):
@@ -212,9 +246,24 @@ class SpeculativeGenerator:
         return bool(limits.stopping_criteria(input_ids, scores).any())
 
 
-def generate(target: PreTrainedModel, inputs: torch.Tensor | None = None, *, drafter: Drafter, **kwargs):
-    """Functional form: `SpeculativeGenerator(target, drafter).generate(inputs, **kwargs)`."""
-    return SpeculativeGenerator(target, drafter).generate(inputs, **kwargs)
+def generate(
+    target: PreTrainedModel,
+    inputs: torch.Tensor | None = None,
+    *,
+    drafter: Drafter,
+    controller: Controller | None = _DEFAULT,
+    **kwargs,
+):
+    """Functional form: `SpeculativeGenerator(target, drafter, controller).generate(inputs, **kwargs)`."""
+    return SpeculativeGenerator(target, drafter, controller).generate(inputs, **kwargs)
+
+
+def _state(tokens: list[int], room: int, plan) -> DecodeState:
+    """What the drafter may propose: at most `room - 1` deep (the bonus token takes the last slot)."""
+    if plan is None:
+        return DecodeState(tokens=torch.tensor([tokens]), max_depth=room - 1)
+    depth = min(room - 1, plan.depth) if plan.speculate else 0
+    return DecodeState(tokens=torch.tensor([tokens]), max_depth=depth, budget=plan.budget, threshold=plan.threshold)
 
 
 def _resolve_config(

@@ -52,7 +52,13 @@ def test_greedy_equals_target_generate(models, arch, draft, shape):
         x = prompt(seed)
         expected = target.generate(x, max_new_tokens=30, do_sample=False, eos_token_id=None)
         out = specdec.generate(
-            target, x, drafter=drafter, max_new_tokens=30, eos_token_id=None, return_dict_in_generate=True
+            target,
+            x,
+            drafter=drafter,
+            controller=None,
+            max_new_tokens=30,
+            eos_token_id=None,
+            return_dict_in_generate=True,
         )
         assert torch.equal(out.sequences, expected)
         stats = out.spec_stats
@@ -90,7 +96,7 @@ def test_eos_inside_an_accepted_run_stops_exactly(models, arch):
     target, _ = models[arch]
     x, position, eos = fresh_token(target, start=7)
     expected = target.generate(x, max_new_tokens=30, do_sample=False, eos_token_id=eos)
-    gen = specdec.SpeculativeGenerator(target, ModelDrafter(target, depth=5, branching=1))
+    gen = specdec.SpeculativeGenerator(target, ModelDrafter(target, depth=5, branching=1), controller=None)
     out = gen.generate(x, max_new_tokens=30, eos_token_id=eos, return_dict_in_generate=True)
     assert torch.equal(out.sequences, expected)
     assert out.sequences.shape[1] == x.shape[1] + position + 1 and int(out.sequences[0, -1]) == eos
@@ -111,6 +117,7 @@ def test_max_new_tokens_and_stopping_criteria_end_mid_run(models):
         target,
         x,
         drafter=drafter,
+        controller=None,
         max_new_tokens=30,
         eos_token_id=None,
         stopping_criteria=criteria,

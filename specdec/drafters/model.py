@@ -22,7 +22,9 @@ class ModelDrafter(Drafter):
 
     Each level of the tree costs one draft forward: level `d` holds the `branching` most likely nodes at
     depth `d` by path probability, each frontier node offering its `branching` best next tokens.
-    `branching=1` gives a chain. The draft keeps its own KV cache in step with the accepted tokens: the
+    `branching=1` gives a chain. A controller's plan (`state.budget`, `state.threshold`) narrows the
+    tree further: nodes below the confidence threshold are not added, and drafting stops when none is.
+    The draft keeps its own KV cache in step with the accepted tokens: the
     accepted path's entries are kept after each step, so the context is never prefilled again.
 
     Args:
@@ -71,10 +73,16 @@ class ModelDrafter(Drafter):
         self._fed = 1  # the root sits at the end of the cache now
         logprobs = torch.log_softmax(out.logits[0, -1:].float(), dim=-1).cpu()  # [1, V]
         frontier = [0]
-        for level in range(min(self.depth, state.max_depth)):
-            room = self.tree_budget - (len(tree) - 1)
-            tree, frontier = expand_topk(tree, frontier, logprobs, self.branching, min(self.branching, room))
-            if not frontier or level == min(self.depth, state.max_depth) - 1 or room <= len(frontier):
+        depth = min(self.depth, state.max_depth)
+        budget = min(self.tree_budget, state.budget or self.tree_budget)
+        for level in range(depth):
+            room = budget - (len(tree) - 1)
+            # the first level always keeps the greedy token, so acceptance is measured even below the threshold
+            min_score = state.min_score if level > 0 else float("-inf")
+            tree, frontier = expand_topk(
+                tree, frontier, logprobs, self.branching, min(self.branching, room), min_score=min_score
+            )
+            if not frontier or level == depth - 1 or room <= len(frontier):
                 break
             out = verify.forward_tree(self.model, self._cache, tree, start=self._fed)
             self._fed = len(tree)
@@ -89,3 +97,4 @@ class ModelDrafter(Drafter):
         in_cache = [node for node in acceptance.path if node < self._fed]
         kv.keep_path(self._cache, prefix, in_cache)
         self._committed = prefix + len(in_cache)
+        self._fed = 0

@@ -1,0 +1,243 @@
+"""Adaptive speculation: how deep and wide to draft, when to stop a branch, and when not to draft at all.
+
+One controller serves every draft source. It keeps a small explicit model, updated after every step:
+
+- costs: verification time is linear in tree size, `verify(n) = a + b * n` (ridge least squares over
+  recent steps, pulled towards a flat prior while sizes barely vary); drafting costs `c` per draft level.
+- value: `R[d]`, the measured probability that the accepted path reaches depth `d` when the tree did
+  (per depth, discounted counts with a weak prior, so that a few unlucky steps do not end speculation);
+  a step of depth `D` yields `E(D) = 1 + sum(R[1..D])` tokens.
+
+From it, each step gets a `Plan`:
+
+- depth `D*` maximising expected tokens per second `E(D) / (c * D + verify(size(D)))`, plus one level
+  so that the next depth keeps being measured (the threshold still cuts branches that do not pay);
+- a confidence threshold: the path probability at which a node's expected value (probability x time per
+  token) no longer pays its marginal cost (`b` plus its share of drafting); draft sources stop extending
+  a branch below it, so cheap verification and a well-calibrated draft give wider, deeper trees;
+- a node budget: the widest tree whose extra verification cost stays under half the time the expected
+  accepted tokens save (every fourth step half of it, so that the cost slope `b` stays measurable);
+- fallback: when the best expected rate is below plain decoding's, plain steps are taken, and
+  speculation is probed again after `probe_after` steps, doubling (up to `max_probe_after`) while it
+  keeps not paying.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """Controller defaults; mirrored by the Hydra group `conf/control/`."""
+
+    max_depth: int = 8  # deepest plan
+    min_budget: int = 1  # draft nodes
+    max_budget: int = 32
+    initial_threshold: float = 0.05  # path probability, before anything is measured
+    min_threshold: float = 0.002
+    max_threshold: float = 0.5
+    prior_acceptance: float = 0.6  # conditional acceptance per depth assumed before measuring it
+    prior_weight: float = 2.0  # pseudo-steps behind that prior
+    discount: float = 0.95  # acceptance counts fade by this per step (an effective window of ~20 steps)
+    ema: float = 0.2  # weight of the newest cost and width measurement
+    min_speedup: float = 1.0  # speculate only when the expected rate beats plain decoding by this factor
+    warmup_steps: int = 4  # speculative steps measured before the first fallback decision
+    probe_after: int = 8  # plain steps before speculation is probed again
+    max_probe_after: int = 128
+    cost_window: int = 64  # recent (tree size, verify time) pairs used for the cost fit
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the next step may draft. `speculate=False` means a plain target step."""
+
+    speculate: bool
+    depth: int
+    budget: int
+    threshold: float
+
+
+@dataclass
+class CostModel:
+    """`verify(n) = a + b * n` from measured (n, seconds) pairs, and the draft cost per level `c`."""
+
+    window: int
+    ema: float
+    samples: deque = field(default_factory=deque)
+    draft_per_level: float | None = None
+
+    def add_verify(self, size: int, seconds: float) -> None:
+        self.samples.append((size, seconds))
+        while len(self.samples) > self.window:
+            self.samples.popleft()
+
+    def add_draft(self, levels: int, seconds: float) -> None:
+        if levels > 0:
+            per_level = seconds / levels
+            old = self.draft_per_level
+            self.draft_per_level = per_level if old is None else (1 - self.ema) * old + self.ema * per_level
+
+    def verify_line(self) -> tuple[float, float]:
+        """(a, b): ridge fit pulling the slope towards a flat prior `b0 = a / 64` (batching is nearly free)."""
+        n = len(self.samples)
+        if n == 0:
+            return 0.0, 0.0
+        xs, ys = [s for s, _ in self.samples], [t for _, t in self.samples]
+        mx, my = sum(xs) / n, sum(ys) / n
+        b0 = max(my, 1e-9) / 64
+        lam = n * 4.0  # prior weight in units of squared tree size
+        sxx = sum((x - mx) ** 2 for x in xs)
+        sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+        b = max((sxy + lam * b0) / (sxx + lam), 0.0)
+        a = max(my - b * mx, 1e-9)
+        return a, b
+
+    def verify(self, size: int) -> float:
+        a, b = self.verify_line()
+        return a + b * size
+
+
+class Controller:
+    """Adaptive depth, node budget and confidence threshold, with fallback to plain decoding.
+
+    Use: `plan = controller.plan()` before drafting; `controller.update(...)` after verification.
+    `history` records every decision for `spec_stats`.
+    """
+
+    def __init__(self, config: ControlConfig | None = None):
+        self.config = config or ControlConfig()
+        self.reset()
+
+    def reset(self) -> None:
+        cfg = self.config
+        self.costs = CostModel(window=cfg.cost_window, ema=cfg.ema)
+        self.hits = [0.0] * (cfg.max_depth + 1)  # discounted counts: accepted path reached depth d ...
+        self.trials = [0.0] * (cfg.max_depth + 1)  # ... out of steps whose tree reached depth d (index 0 unused)
+        self.width = 1.0  # draft nodes per level of recent trees
+        self.calibration = 1.0  # accepted draft tokens / tokens the tree scores promised
+        self.threshold = cfg.initial_threshold
+        self.speculative_steps = 0
+        self.plain_left = 0  # plain steps before the next probe
+        self.backoff = cfg.probe_after
+        self.history: list[dict] = []
+
+    # ---------------------------------------------------------------- the model
+
+    def acceptance_curve(self) -> list[float]:
+        """`R[d]` for d = 1..max_depth: discounted hit counts with a weak prior where depth d was drafted;
+        beyond the deepest drafted depth, continued at the mean (geometric) per-level rate."""
+        cfg = self.config
+        curve: list[float] = []
+        rate = cfg.prior_acceptance
+        for d in range(1, cfg.max_depth + 1):
+            if self.trials[d] > 0:
+                prior = cfg.prior_acceptance**d
+                value = (self.hits[d] + cfg.prior_weight * prior) / (self.trials[d] + cfg.prior_weight)
+                rate = max(value, 1e-9) ** (1 / d)
+            else:
+                value = (curve[-1] if curve else 1.0) * rate
+            curve.append(min(value, curve[-1] if curve else 1.0))  # reaching d implies reaching d - 1
+        return curve
+
+    def expected_rate(self, depth: int) -> float:
+        """Expected tokens per second of a step drafting `depth` levels (depth 0: plain decoding)."""
+        tokens = 1.0 + sum(self.acceptance_curve()[:depth])
+        size = 1 + math.ceil(depth * self.width)
+        seconds = (self.costs.draft_per_level or 0.0) * depth + self.costs.verify(size if depth else 1)
+        return tokens / max(seconds, 1e-9)
+
+    def best_depth(self) -> int:
+        return max(range(1, self.config.max_depth + 1), key=self.expected_rate)
+
+    # ---------------------------------------------------------------- decisions
+
+    def plan(self) -> Plan:
+        cfg = self.config
+        if self.plain_left > 0:
+            self.plain_left -= 1
+            return self._record(Plan(False, 0, 0, self.threshold))
+        if not self.costs.samples:  # nothing measured yet: the drafter's own settings, capped
+            return self._record(Plan(True, cfg.max_depth, cfg.max_budget, self.threshold))
+        depth = self.best_depth()
+        budget = self._budget(depth)
+        if self.speculative_steps % 4 == 3:  # cost probing: a smaller tree now and then, so the slope b is measurable
+            budget = max(min(budget, math.ceil(depth * self.width)) // 2, 1)
+        # one level beyond the optimum keeps the next depth measured; the threshold still cuts weak branches
+        return self._record(Plan(True, min(depth + 1, cfg.max_depth), budget, self.threshold))
+
+    def _budget(self, depth: int) -> int:
+        """Widest tree whose extra verify cost stays under half the time its expected tokens save."""
+        cfg = self.config
+        a, b = self.costs.verify_line()
+        saved = sum(self.acceptance_curve()[:depth]) * (a + b)  # each accepted token saves about a plain step
+        if b <= 0:
+            return cfg.max_budget
+        return int(min(max(0.5 * saved / b, depth, cfg.min_budget), cfg.max_budget))
+
+    def _update_threshold(self) -> None:
+        """The path probability below which a node's expected value does not pay its marginal cost."""
+        cfg = self.config
+        _, b = self.costs.verify_line()
+        depth = self.best_depth()
+        seconds_per_token = 1.0 / max(self.expected_rate(depth), 1e-9)
+        marginal = b + (self.costs.draft_per_level or 0.0) / max(self.width, 1.0)
+        threshold = marginal / (seconds_per_token * max(self.calibration, 1e-3))
+        self.threshold = min(max(threshold, cfg.min_threshold), cfg.max_threshold)
+
+    def update(
+        self,
+        plan: Plan,
+        tree_size: int,
+        tree_depth: int,
+        accepted: int,
+        promised: float,
+        draft_seconds: float,
+        verify_seconds: float,
+    ) -> None:
+        """Record one verification step.
+
+        Args:
+            plan: the plan the step followed.
+            tree_size: nodes verified (root included); tree_depth: its depth.
+            accepted: draft tokens accepted (bonus token not counted).
+            promised: the tree's own expected accepted tokens (sum of node probabilities), 0 if unscored.
+            draft_seconds, verify_seconds: measured times.
+        """
+        cfg, ema = self.config, self.config.ema
+        self.costs.add_verify(tree_size, verify_seconds)
+        if not plan.speculate:
+            return
+        self.costs.add_draft(tree_depth, draft_seconds)
+        self.speculative_steps += 1
+        for d in range(1, cfg.max_depth + 1):
+            self.hits[d] *= cfg.discount
+            self.trials[d] *= cfg.discount
+            if d <= tree_depth:
+                self.hits[d] += accepted >= d
+                self.trials[d] += 1
+        if tree_depth > 0:
+            self.width = (1 - ema) * self.width + ema * (tree_size - 1) / tree_depth
+        if promised > 0:
+            self.calibration = (1 - ema) * self.calibration + ema * min(accepted / promised, 4.0)
+        self._update_threshold()
+        self._decide_fallback()
+
+    def _decide_fallback(self) -> None:
+        cfg = self.config
+        if self.speculative_steps < cfg.warmup_steps:
+            return
+        plain_rate = self.expected_rate(0)
+        if self.expected_rate(self.best_depth()) < cfg.min_speedup * plain_rate:
+            self.plain_left = self.backoff
+            self.backoff = min(self.backoff * 2, cfg.max_probe_after)
+        else:
+            self.backoff = cfg.probe_after
+
+    def _record(self, plan: Plan) -> Plan:
+        self.history.append(
+            {"speculate": plan.speculate, "depth": plan.depth, "budget": plan.budget, "threshold": plan.threshold}
+        )
+        return plan

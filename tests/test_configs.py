@@ -1,0 +1,38 @@
+"""Every Hydra config composes, and config mirrors of dataclasses agree with their defaults."""
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from specdec.control import ControlConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_control_config_mirrors_the_dataclass():
+    with initialize_config_dir(config_dir=str(CONF / "control"), version_base="1.3"):
+        cfg = compose(config_name="default")
+    assert instantiate(cfg) == ControlConfig()
+    assert set(cfg) - {"_target_"} == set(asdict(ControlConfig()))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONF.glob("*.yaml")))
+def test_top_level_configs_compose_and_resolve(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=name, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # as in a run, so ${hydra:...} resolves
+        app = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        resolved = OmegaConf.to_container(app, resolve=True)  # every interpolation resolves
+    assert resolved
+
+
+def test_distill_config_never_trains_on_evaluation_prompts():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="distill_draft", return_hydra_config=True)
+    sources = list(cfg.data.sources)
+    assert sources and not [s for s in sources if s.startswith("dev_") or "humaneval" in s]

@@ -1,0 +1,90 @@
+"""The adaptive controller with stubbed costs and acceptance, and its effect on real (tiny) decoding."""
+
+import itertools
+
+import torch
+from tiny import VOCAB, small_draft, tiny_model
+
+import specdec
+from specdec.control import ControlConfig, Controller
+from specdec.drafters import ModelDrafter
+
+
+def simulate(controller: Controller, steps: int, accept_rate: float, verify, draft_per_level: float, seed=0):
+    """Drive the controller with a synthetic draft: each draft token is accepted with `accept_rate`."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        plan = controller.plan()
+        if not plan.speculate:
+            controller.update(plan, 1, 0, 0, 0.0, 0.0, verify(1))
+            continue
+        depth = plan.depth
+        size = 1 + min(plan.budget, depth * 2)
+        accepted = 0
+        while accepted < depth and torch.rand(1, generator=gen).item() < accept_rate:
+            accepted += 1
+        promised = sum(accept_rate**d for d in range(1, depth + 1))
+        controller.update(plan, size, depth, accepted, promised, draft_per_level * depth, verify(size))
+    return controller
+
+
+def cheap_verify(n: int) -> float:
+    return 0.040 + 0.0002 * n  # 40 ms, nearly flat in tree size
+
+
+def steep_verify(n: int) -> float:
+    return 0.040 + 0.010 * n  # every node costs a quarter of a plain step
+
+
+def test_grows_when_acceptance_is_high_and_verify_is_cheap():
+    c = simulate(Controller(), 60, accept_rate=0.9, verify=cheap_verify, draft_per_level=0.002)
+    plan = c.plan()
+    assert plan.speculate and plan.depth >= 6 and plan.budget >= 16
+
+
+def test_shrinks_when_acceptance_is_low_or_verify_is_dear():
+    low = simulate(Controller(), 60, accept_rate=0.3, verify=cheap_verify, draft_per_level=0.002).plan()
+    dear = simulate(Controller(), 60, accept_rate=0.9, verify=steep_verify, draft_per_level=0.002).plan()
+    high = simulate(Controller(), 60, accept_rate=0.9, verify=cheap_verify, draft_per_level=0.002).plan()
+    assert low.depth < high.depth
+    assert dear.budget < high.budget
+    assert dear.threshold > high.threshold  # dear nodes must be likelier to be worth verifying
+
+
+def test_falls_back_when_speculation_cannot_pay_and_probes_again_with_backoff():
+    config = ControlConfig(probe_after=4, max_probe_after=16)
+    c = simulate(Controller(config), 200, accept_rate=0.0, verify=cheap_verify, draft_per_level=0.010)
+    plans = c.history
+    plain = [not p["speculate"] for p in plans]
+    assert sum(plain) > 0.8 * len(plans)  # mostly plain steps
+    probes = [i for i in range(1, len(plans)) if plain[i - 1] and not plain[i]]
+    assert len(probes) >= 3  # it keeps probing ...
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert gaps[-1] > gaps[0]  # ... less and less often (back-off)
+
+
+def test_recovers_when_the_draft_becomes_good():
+    c = simulate(Controller(ControlConfig(probe_after=2, max_probe_after=8)), 60, 0.0, cheap_verify, 0.010)
+    simulate(c, 100, accept_rate=0.95, verify=cheap_verify, draft_per_level=0.002, seed=1)
+    recent = c.history[-20:]
+    assert sum(p["speculate"] for p in recent) >= 18
+
+
+def test_decisions_are_visible_and_output_stays_identical():
+    target, draft = tiny_model("llama"), small_draft("llama")
+    x = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(0))
+    expected = target.generate(x, max_new_tokens=60, do_sample=False, eos_token_id=None)
+    controller = Controller(ControlConfig(warmup_steps=2, probe_after=2))
+    out = specdec.generate(
+        target,
+        x,
+        drafter=ModelDrafter(draft),
+        controller=controller,
+        max_new_tokens=60,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, expected)
+    stats = out.spec_stats
+    assert len(stats.plans) == len(stats.accept_lengths) and len(stats.thresholds) == len(stats.plans)
+    assert stats.fallback_steps > 0  # a random draft is hopeless: the controller decodes plainly most steps
