@@ -1,0 +1,83 @@
+"""The decoding methods the harness compares, each `[1, L] prompt ids -> Result`.
+
+- `baseline`: plain greedy `target.generate` (the reference for speedup and identity).
+- `draft`, `draft_chain`: specdec with the draft model (tree / chain); `ngram`: specdec's n-gram source;
+  `composite`: n-gram then draft model (`Composite`).
+- `hf_assisted`: Hugging Face assisted generation with the same draft (`assistant_model=`).
+- `hf_prompt_lookup`: Hugging Face prompt lookup decoding (`prompt_lookup_num_tokens=`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from specdec.control import Controller
+from specdec.drafters import Composite, Drafter, ModelDrafter, NGramDrafter
+from specdec.generate import SpeculativeGenerator
+
+PEERS = ("hf_assisted", "hf_prompt_lookup")
+
+
+@dataclass(frozen=True)
+class Result:
+    new_ids: list[int]
+    wall_time: float
+    accept_lengths: list[int]  # empty where the method does not report them (Hugging Face's)
+
+
+Method = Callable[[torch.Tensor], Result]
+
+
+def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
+    """The configured methods, by name. Raises ValueError on an unknown name."""
+    drafters: dict[str, Callable[[], Drafter]] = {
+        "draft": lambda: ModelDrafter(draft, **cfg.draft_settings),
+        "draft_chain": lambda: ModelDrafter(draft, **{**cfg.draft_settings, "branching": 1}),
+        "ngram": lambda: NGramDrafter(**cfg.ngram_settings),
+        "composite": lambda: Composite([NGramDrafter(**cfg.ngram_settings), ModelDrafter(draft, **cfg.draft_settings)]),
+    }
+    settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False)
+    methods: dict[str, Method] = {}
+    for name in cfg.methods:
+        if name == "baseline":
+            methods[name] = _hf(target, settings, one_token_steps=True)
+        elif name == "hf_assisted":
+            methods[name] = _hf(target, {**settings, "assistant_model": draft})
+        elif name == "hf_prompt_lookup":
+            methods[name] = _hf(target, {**settings, "prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens})
+        elif name in drafters:
+            generator = SpeculativeGenerator(target, drafters[name](), Controller() if cfg.controller else None)
+            methods[name] = _specdec(generator, settings)
+        else:
+            raise ValueError(
+                f"unknown method {name!r}: choose from baseline, {', '.join(drafters)}, {', '.join(PEERS)}"
+            )
+    return methods
+
+
+def _hf(target, settings: dict, one_token_steps: bool = False) -> Method:
+    """`target.generate`; plain decoding gains one token per step, peers do not report their steps."""
+
+    def run(ids: torch.Tensor) -> Result:
+        tic = time.perf_counter()
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), **settings)
+        seconds = time.perf_counter() - tic
+        new = out[0, ids.shape[1] :].tolist()
+        return Result(new, seconds, [1] * len(new) if one_token_steps else [])
+
+    return run
+
+
+def _specdec(generator: SpeculativeGenerator, settings: dict) -> Method:
+    def run(ids: torch.Tensor) -> Result:
+        tic = time.perf_counter()
+        out = generator.generate(ids, return_dict_in_generate=True, **settings)
+        seconds = time.perf_counter() - tic
+        return Result(out.sequences[0, ids.shape[1] :].tolist(), seconds, out.spec_stats.accept_lengths)
+
+    return run

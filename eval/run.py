@@ -1,0 +1,124 @@
+"""The speedup harness: plain decoding and every configured method on the same questions (conf/eval.yaml).
+
+Methods run interleaved per question, so machine noise hits them alike, after a warm-up. Multi-turn
+questions are answered turn by turn with the chat template, each method continuing its own conversation.
+Per method it writes `answers/<method>.jsonl` in Spec-Bench's answer format (plus `token_ids` per turn),
+then `summary.json` (recomputed from the answer files), a markdown table, and PNG plots. Re-running the
+same command resumes: questions already answered by a method are skipped.
+
+Run: .venv/bin/python -m eval.run [questions=PATH] [per_category=N] [max_new_tokens=N] [dtype=fp32|bf16]
+                                 [methods=[baseline,draft,...]] [out_dir=PATH]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from eval.methods import Method, build_methods
+from eval.report import environment, markdown_table, plot, read_answers, summarize
+from specdec.chat import answer_turns, chat_input_ids, load_questions
+from specdec.models import load_model
+
+
+def select_questions(path: str, per_category: int | None) -> list[dict]:
+    """The first `per_category` questions of each category, in file order."""
+    taken: dict[str, int] = defaultdict(int)
+    chosen = []
+    for q in load_questions(path):
+        if per_category is None or taken[q["category"]] < per_category:
+            taken[q["category"]] += 1
+            chosen.append(q)
+    return chosen
+
+
+def answer(method: Method, tokenizer, question: dict, model_id: str) -> dict:
+    """One Spec-Bench answer record: every turn answered by `method`, timed."""
+    turns, new_tokens, wall_time, accept_lengths, token_ids = [], [], [], [], []
+
+    def respond(ids: torch.Tensor) -> torch.Tensor:
+        result = method(ids)
+        turns.append(tokenizer.decode(result.new_ids, skip_special_tokens=True))
+        new_tokens.append(len(result.new_ids))
+        wall_time.append(result.wall_time)
+        accept_lengths.append(result.accept_lengths)
+        token_ids.append(result.new_ids)
+        return torch.tensor(result.new_ids)
+
+    answer_turns(tokenizer, question["turns"], respond)
+    choice = {
+        "index": 0,
+        "turns": turns,
+        "new_tokens": new_tokens,
+        "wall_time": wall_time,
+        "accept_lengths": accept_lengths,
+        "decoding_steps": [len(a) for a in accept_lengths],
+        "token_ids": token_ids,
+    }
+    return {
+        "question_id": question["question_id"],
+        "category": question["category"],
+        "model_id": model_id,
+        "choices": [choice],
+        "tstamp": time.time(),
+    }
+
+
+def warm_up(methods: dict[str, Method], tokenizer, count: int) -> None:
+    ids = chat_input_ids(tokenizer, [{"role": "user", "content": "Say hello in five words."}])
+    for _ in range(count):
+        for method in methods.values():
+            method(ids)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Answer, summarize, tabulate and plot; returns the summary (also written to `out_dir`)."""
+    out_dir = Path(cfg.out_dir)
+    (out_dir / "answers").mkdir(parents=True, exist_ok=True)
+    if "baseline" not in cfg.methods:
+        raise ValueError("methods must include 'baseline': speedup and identity are measured against it")
+    questions = select_questions(cfg.questions, cfg.per_category)
+    paths = {m: out_dir / "answers" / f"{m}.jsonl" for m in cfg.methods}
+    done = {m: set(read_answers(p)) for m, p in paths.items()}
+    todo = [q for q in questions if any(q["question_id"] not in done[m] for m in cfg.methods)]
+    print(f"{len(questions)} questions, {len(questions) - len(todo)} already answered by every method")
+
+    if todo:
+        target, tokenizer = load_model(cfg.target, dtype=cfg.dtype)
+        draft, _ = load_model(cfg.draft, dtype=cfg.dtype)
+        methods = build_methods(cfg, target, draft)
+        warm_up(methods, tokenizer, cfg.warmup)
+        for question in tqdm(todo, desc="questions", unit="q"):
+            for name, method in methods.items():  # interleaved: every method on this question, then the next
+                if question["question_id"] not in done[name]:
+                    record = answer(method, tokenizer, question, name)
+                    with paths[name].open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+
+    qids = {q["question_id"] for q in questions}
+    answers = {m: {q: r for q, r in read_answers(p).items() if q in qids} for m, p in paths.items()}
+    summary = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "environment": environment(),
+        "methods": summarize(answers),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown_table(summary["methods"])
+    (out_dir / "summary.md").write_text(table + "\n")
+    plots = plot(summary["methods"], answers, out_dir)
+    print(table)
+    print(f"written: {out_dir / 'summary.json'}, {out_dir / 'summary.md'}, {', '.join(map(str, plots))}")
+    return summary
+
+
+main = hydra.main(config_path="../conf", config_name="eval", version_base="1.3")(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The harness on tiny models: Spec-Bench answer files, a summary that recomputes from them, resume."""
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from eval.report import tokens_per_second
+from eval.run import run, select_questions
+from specdec.models import ASSETS, BUILTIN_DRAFT
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SPEC_BENCH_KEYS = {"question_id", "category", "model_id", "choices", "tstamp"}
+CHOICE_KEYS = {"index", "turns", "new_tokens", "wall_time", "accept_lengths", "decoding_steps"}
+
+
+def save_tiny(path: Path, seed: int, layers: int) -> Path:
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / BUILTIN_DRAFT)  # the built-in target's tokenizer
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    questions = root / "questions.jsonl"
+    rows = [
+        {"question_id": 0, "category": "chat", "turns": ["Hello there.", "And then?"]},
+        {"question_id": 1, "category": "chat", "turns": ["Name a colour."]},
+        {"question_id": 2, "category": "chat", "turns": ["Not selected: per_category=2."]},
+        {"question_id": 3, "category": "code", "turns": ["def f(x):\n    return x + 1\n\ndef g(x):"]},
+    ]
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return save_tiny(root / "target", 0, 2), save_tiny(root / "draft", 1, 1), questions, root
+
+
+def config(setup, methods="[baseline,ngram]"):
+    target, draft, questions, root = setup
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            config_name="eval",
+            overrides=[
+                f"target={target}",
+                f"draft={draft}",
+                f"questions={questions}",
+                "per_category=2",
+                "max_new_tokens=12",
+                "dtype=fp32",
+                f"methods={methods}",
+                f"out_dir={root / 'out'}",
+                "warmup=0",
+            ],
+        )
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_select_questions_takes_the_first_n_per_category(setup):
+    assert [q["question_id"] for q in select_questions(str(setup[2]), 2)] == [0, 1, 3]
+
+
+def test_run_writes_spec_bench_answers_and_a_summary_that_recomputes(setup):
+    summary = run(config(setup))
+    out = setup[3] / "out"
+    base, ngram = lines(out / "answers" / "baseline.jsonl"), lines(out / "answers" / "ngram.jsonl")
+    assert [r["question_id"] for r in base] == [r["question_id"] for r in ngram] == [0, 1, 3]
+    for record in base + ngram:
+        assert record.keys() >= SPEC_BENCH_KEYS and record["choices"][0].keys() >= CHOICE_KEYS
+        choice = record["choices"][0]
+        assert len(choice["turns"]) == len(choice["new_tokens"]) == len(choice["wall_time"])
+        assert all(sum(a) == n for a, n in zip(choice["accept_lengths"], choice["new_tokens"], strict=True))
+    assert len(base[0]["choices"][0]["turns"]) == 2  # the multi-turn question, answered turn by turn
+
+    s = summary["methods"]["ngram"]
+    speeds = {r["question_id"]: tokens_per_second(r) for r in ngram}
+    base_speeds = {r["question_id"]: tokens_per_second(r) for r in base}
+    expected = statistics.fmean(speeds.values()) / statistics.fmean(base_speeds.values())
+    assert s["speedup"]["overall"] == pytest.approx(expected)
+    chat = [0, 1]
+    expected_chat = statistics.fmean(speeds[q] for q in chat) / statistics.fmean(base_speeds[q] for q in chat)
+    assert s["speedup"]["chat"] == pytest.approx(expected_chat)
+    all_lengths = [n for r in ngram for turn in r["choices"][0]["accept_lengths"] for n in turn]
+    assert s["mean_accepted_length"] == pytest.approx(statistics.fmean(all_lengths))
+    assert s["identical_share"] == 1.0 and summary["methods"]["baseline"]["speedup"]["overall"] == pytest.approx(1.0)
+    assert json.loads((out / "summary.json").read_text())["methods"]["ngram"] == s
+    assert (out / "speedup.png").stat().st_size > 0 and (out / "accept_lengths.png").stat().st_size > 0
+
+
+def test_rerun_resumes_and_skips_finished_questions(setup):
+    out = setup[3] / "out" / "answers"
+    run(config(setup))
+    before = {p.name: p.read_text() for p in out.glob("*.jsonl")}
+    run(config(setup))  # everything answered: nothing is redone
+    assert {p.name: p.read_text() for p in out.glob("*.jsonl")} == before
+    run(config(setup, methods="[baseline,ngram,draft]"))  # a new method answers every question, others skip
+    assert {p.name: p.read_text() for p in out.glob("*.jsonl") if p.name != "draft.jsonl"} == before
+    assert [r["question_id"] for r in lines(out / "draft.jsonl")] == [0, 1, 3]
+
+
+def test_unknown_method_is_a_clear_error(setup):
+    with pytest.raises(ValueError, match="unknown method 'medusa2'"):
+        run(config(setup, methods="[baseline,medusa2]"))
