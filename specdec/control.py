@@ -95,10 +95,6 @@ class CostModel:
         a = max(my - b * mx, 1e-9)
         return a, b
 
-    def verify(self, size: int) -> float:
-        a, b = self.verify_line()
-        return a + b * size
-
 
 class Controller:
     """Adaptive depth, node budget and confidence threshold, with fallback to plain decoding.
@@ -119,6 +115,8 @@ class Controller:
         self.width = 1.0  # draft nodes per level of recent trees
         self.calibration = 1.0  # accepted draft tokens / tokens the tree scores promised
         self.threshold = cfg.initial_threshold
+        self._line = (0.0, 0.0)  # verify_line() and acceptance_curve() as of the last update
+        self._curve = self._acceptance_curve()
         self.speculative_steps = 0
         self.plain_left = 0  # plain steps before the next probe
         self.backoff = cfg.probe_after
@@ -127,6 +125,9 @@ class Controller:
     # ---------------------------------------------------------------- the model
 
     def acceptance_curve(self) -> list[float]:
+        return self._curve
+
+    def _acceptance_curve(self) -> list[float]:
         """`R[d]` for d = 1..max_depth: discounted hit counts with a weak prior where depth d was drafted;
         beyond the deepest drafted depth, continued at the mean (geometric) per-level rate."""
         cfg = self.config
@@ -146,7 +147,8 @@ class Controller:
         """Expected tokens per second of a step drafting `depth` levels (depth 0: plain decoding)."""
         tokens = 1.0 + sum(self.acceptance_curve()[:depth])
         size = 1 + math.ceil(depth * self.width)
-        seconds = (self.costs.draft_per_level or 0.0) * depth + self.costs.verify(size if depth else 1)
+        a, b = self._line
+        seconds = (self.costs.draft_per_level or 0.0) * depth + a + b * (size if depth else 1)
         return tokens / max(seconds, 1e-9)
 
     def best_depth(self) -> int:
@@ -171,7 +173,7 @@ class Controller:
     def _budget(self, depth: int) -> int:
         """Widest tree whose extra verify cost stays under half the time its expected tokens save."""
         cfg = self.config
-        a, b = self.costs.verify_line()
+        a, b = self._line
         saved = sum(self.acceptance_curve()[:depth]) * (a + b)  # each accepted token saves about a plain step
         if b <= 0:
             return cfg.max_budget
@@ -180,7 +182,7 @@ class Controller:
     def _update_threshold(self) -> None:
         """The path probability below which a node's expected value does not pay its marginal cost."""
         cfg = self.config
-        _, b = self.costs.verify_line()
+        b = self._line[1]
         depth = self.best_depth()
         seconds_per_token = 1.0 / max(self.expected_rate(depth), 1e-9)
         marginal = b + (self.costs.draft_per_level or 0.0) / max(self.width, 1.0)
@@ -208,6 +210,7 @@ class Controller:
         """
         cfg, ema = self.config, self.config.ema
         self.costs.add_verify(tree_size, verify_seconds)
+        self._line = self.costs.verify_line()
         if not plan.speculate:
             return
         self.costs.add_draft(tree_depth, draft_seconds)
@@ -222,6 +225,7 @@ class Controller:
             self.width = (1 - ema) * self.width + ema * (tree_size - 1) / tree_depth
         if promised > 0:
             self.calibration = (1 - ema) * self.calibration + ema * min(accepted / promised, 4.0)
+        self._curve = self._acceptance_curve()
         self._update_threshold()
         self._decide_fallback()
 
