@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from specdec.chat import chat_input_ids, load_questions
-from specdec.models import load_model, parse_dtype
+from specdec.models import load_model
 
 # ---------------------------------------------------------------- stage 1: prompts
 
@@ -378,21 +378,26 @@ def per_token_ms(model, context: int = 256, repeats: int = 15) -> float:
     return 1000 * sorted(times)[len(times) // 2]
 
 
-def cost_report(cfg: DictConfig, draft) -> dict:
+def cost_report(cfg: DictConfig) -> dict:
+    """Per-token cost of the exported draft and the target, each loaded fresh in each dtype."""
     report = {}
     for dtype in ("bf16", "fp32"):
         target, _ = load_model(cfg.target, dtype=dtype)
-        d = draft.to(parse_dtype(dtype)).eval()
-        t_ms, d_ms = per_token_ms(target), per_token_ms(d)
+        draft, _ = load_model(cfg.output_dir, dtype=dtype)
+        t_ms, d_ms = per_token_ms(target), per_token_ms(draft)
         report[dtype] = {"target_ms": t_ms, "draft_ms": d_ms, "draft_over_target": d_ms / t_ms}
     return report
 
 
-def export(cfg: DictConfig, draft, tokenizer, metrics: dict) -> None:
+def export(cfg: DictConfig, draft, tokenizer) -> None:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     draft.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def write_report(cfg: DictConfig, metrics: dict) -> None:
+    out = Path(cfg.output_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     overrides = " ".join(a for a in metrics["command_overrides"]) or "(no overrides)"
     (out / "README.md").write_text(
@@ -425,13 +430,14 @@ def main(cfg: DictConfig) -> None:
         "train_conversations": len(train_rows),
         "train_answer_tokens": answer_tokens,
         **top1_agreement(draft, target_fp32, heldout, pad),
-        "cost": cost_report(cfg, draft),
         "final_loss": log[-1]["loss"] if log else None,
         "train_tokens_per_s": log[-1]["tokens_per_s"] if log else None,
         "command_overrides": list(HydraConfig.get().overrides.task),
     }
     (work / "train_log.json").write_text(json.dumps(log, indent=1))
-    export(cfg, draft, tokenizer, metrics)
+    export(cfg, draft, tokenizer)
+    metrics["cost"] = cost_report(cfg)
+    write_report(cfg, metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k != "command_overrides"}, indent=2))
     print(f"draft written to {cfg.output_dir}")
 
