@@ -22,7 +22,8 @@ def test_builtin_pair_shares_the_vocabulary(real_pair):
     target, draft, tokenizer = real_pair
     assert target.config.vocab_size == draft.config.vocab_size == len(tokenizer) == 49152
     assert target.config.num_hidden_layers == 30
-    assert sum(p.numel() for p in draft.parameters()) < 0.2 * sum(p.numel() for p in target.parameters())
+    # per-token cost comes from depth: 2 of the target's 30 layers (its parameters are mostly the embeddings)
+    assert draft.config.num_hidden_layers * 10 <= target.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("index", [0, 2, 3])  # generic chat, alpaca instruction, gsm8k math
