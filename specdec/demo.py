@@ -3,7 +3,7 @@
 Prints each answer, tokens/s of plain and speculative decoding, the mean accepted length, and whether
 the two outputs are identical; writes the same figures to a JSON file.
 
-Run: .venv/bin/python -m specdec.demo [--dtype bf16|fp32] [--max-new-tokens 128] [--out outputs/demo.json]
+Run: .venv/bin/python -m specdec.demo [--dtype fp32|bf16] [--max-new-tokens 128] [--out outputs/demo.json]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def summarize(results: list[dict], target_name: str, dtype: str, max_new_tokens:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=BUILTIN_TARGET, choices=sorted(DEFAULT_DRAFTS))
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32 is token-identical")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=Path, default=ASSETS / "demo_prompts.jsonl")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo.json"))
