@@ -115,11 +115,7 @@ def plot(summary: dict, answers: dict[str, dict[int, dict]], out_dir: Path) -> l
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(categories))], categories)
     ax.set_ylabel("speedup vs baseline")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    speedup_png = out_dir / "speedup.png"
-    fig.savefig(speedup_png, dpi=120)
-    plt.close(fig)
+    speedup_png = _save(plt, fig, ax, out_dir / "speedup.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, records in answers.items():
@@ -128,9 +124,12 @@ def plot(summary: dict, answers: dict[str, dict[int, dict]], out_dir: Path) -> l
             ax.hist(lengths, bins=range(1, max(lengths) + 2), alpha=0.5, label=method, density=True)
     ax.set_xlabel("tokens per verification step")
     ax.set_ylabel("share of steps")
+    return [speedup_png, _save(plt, fig, ax, out_dir / "accept_lengths.png")]
+
+
+def _save(plt, fig, ax, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
-    hist_png = out_dir / "accept_lengths.png"
-    fig.savefig(hist_png, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [speedup_png, hist_png]
+    return path
