@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import VOCAB, small_draft, tiny_model
+from tiny import ARCHS, VOCAB, small_draft, tiny_model
 
 import specdec
 from specdec.drafters import Composite, DecodeState, ModelDrafter, NGramDrafter
@@ -62,7 +62,7 @@ def repeating_prompt(seed: int) -> torch.Tensor:
     return torch.cat([segment, filler, segment, filler, segment[:6]]).unsqueeze(0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(
     "make",
     [
