@@ -84,10 +84,9 @@ def collect_prompts(cfg: DictConfig) -> list[dict]:
 # ---------------------------------------------------------------- stage 2: the target's answers
 
 
-def generate_answers(cfg: DictConfig, prompts: list[dict], shard_dir: Path) -> list[dict]:
+def generate_answers(cfg: DictConfig, target, tokenizer, prompts: list[dict], shard_dir: Path) -> list[dict]:
     """The target's greedy answer to every prompt: `{prompt_ids, answer_ids, topk_ids, topk_logprobs, ...}` rows."""
-    target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     rows = []
     for i, p in enumerate(prompts):
         ids = chat_input_ids(tokenizer, [{"role": "user", "content": p["text"]}])[0].tolist()
@@ -96,14 +95,11 @@ def generate_answers(cfg: DictConfig, prompts: list[dict], shard_dir: Path) -> l
     rows.sort(key=lambda r: len(r["prompt_ids"]))  # similar lengths batch with little padding
     batches = [rows[i : i + cfg.data.gen_batch_size] for i in range(0, len(rows), cfg.data.gen_batch_size)]
     batches = batches[: cfg.data.max_generated_batches]  # shortest prompts first; generation is the slow stage
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for index, batch in enumerate(tqdm(batches, desc="target answers", unit="batch")):
-        shard = shard_dir / f"{index:05d}.jsonl"
-        if shard.exists():
-            continue
-        answers = _generate_batch(target, [r["prompt_ids"] for r in batch], pad, tokenizer.eos_token_id, cfg)
-        _write_shard(shard, [{**r, **a} for r, a in zip(batch, answers, strict=True)])
-    return [json.loads(line) for shard in sorted(shard_dir.glob("*.jsonl")) for line in shard.open()]
+
+    def answer(batch: list[dict]) -> list[dict]:
+        return _generate_batch(target, [r["prompt_ids"] for r in batch], pad, tokenizer.eos_token_id, cfg)
+
+    return run_sharded(batches, shard_dir, "target answers", answer)
 
 
 @torch.inference_mode()
@@ -135,13 +131,12 @@ def _generate_batch(target, prompts: list[list[int]], pad: int, eos: int, cfg: D
     return answers
 
 
-def teacher_forced_rows(cfg: DictConfig, shard_dir: Path) -> list[dict]:
+def teacher_forced_rows(cfg: DictConfig, target, tokenizer, shard_dir: Path) -> list[dict]:
     """The target's top-k log-probabilities on human-written answers: one batched forward, no generation.
 
     A cheaper second signal beside the target's own answers (about 5x more tokens per second on this CPU).
     Rows have the same format as `generate_answers`'s, none held out.
     """
-    target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)
     evaluation = evaluation_prompts(cfg)
     rows = []
     for name, count in (cfg.data.get("teacher_forced") or {}).items():
@@ -164,15 +159,8 @@ def teacher_forced_rows(cfg: DictConfig, shard_dir: Path) -> list[dict]:
                 )
     rows.sort(key=lambda r: len(r["prompt_ids"]) + len(r["answer_ids"]))
     batches = [rows[i : i + cfg.data.forced_batch_size] for i in range(0, len(rows), cfg.data.forced_batch_size)]
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for index, batch in enumerate(tqdm(batches, desc="teacher-forced top-k", unit="batch")):
-        shard = shard_dir / f"{index:05d}.jsonl"
-        if not shard.exists():
-            _write_shard(
-                shard, [{**r, **t} for r, t in zip(batch, _teacher_topk(target, batch, pad, cfg), strict=True)]
-            )
-    return [json.loads(line) for shard in sorted(shard_dir.glob("*.jsonl")) for line in shard.open()]
+    pad = pad_id(tokenizer)
+    return run_sharded(batches, shard_dir, "teacher-forced top-k", lambda batch: _teacher_topk(target, batch, pad, cfg))
 
 
 @torch.inference_mode()
@@ -186,11 +174,25 @@ def _teacher_topk(target, batch: list[dict], pad: int, cfg: DictConfig) -> list[
     return out
 
 
-def _write_shard(shard: Path, rows: list[dict]) -> None:
-    """Write a shard atomically: it exists only once complete, so an interrupted run redoes just that one."""
-    tmp = shard.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(shard)
+def run_sharded(batches: list[list[dict]], shard_dir: Path, desc: str, make) -> list[dict]:
+    """Extend every row of each batch with `make(batch)` (one dict per row), one JSONL shard per batch.
+
+    A shard is written atomically, so it exists only once complete: an interrupted run redoes just the
+    batch it was in. Returns every row of every shard.
+    """
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch")):
+        shard = shard_dir / f"{index:05d}.jsonl"
+        if not shard.exists():
+            rows = [{**r, **extra} for r, extra in zip(batch, make(batch), strict=True)]
+            tmp = shard.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.rename(shard)
+    return [json.loads(line) for shard in sorted(shard_dir.glob("*.jsonl")) for line in shard.open()]
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 # ---------------------------------------------------------------- stage 3: training
@@ -412,14 +414,16 @@ def main(cfg: DictConfig) -> None:
     work = Path(cfg.work_dir)
     prompts = collect_prompts(cfg)
     print(f"{len(prompts)} prompts from {len(cfg.data.sources)} sources")
-    rows = generate_answers(cfg, prompts, work / "answers")
-    rows += teacher_forced_rows(cfg, work / "teacher_forced")
+    target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)  # the teacher for both data stages
+    rows = generate_answers(cfg, target, tokenizer, prompts, work / "answers")
+    rows += teacher_forced_rows(cfg, target, tokenizer, work / "teacher_forced")
+    del target
     train_rows, heldout = [r for r in rows if not r["heldout"]], [r for r in rows if r["heldout"]]
     answer_tokens = sum(len(r["answer_ids"]) for r in train_rows)
     print(f"{len(train_rows)} training conversations ({answer_tokens} answer tokens), {len(heldout)} held out")
 
-    target_fp32, tokenizer = load_model(cfg.target, dtype="fp32")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    target_fp32, _ = load_model(cfg.target, dtype="fp32")
+    pad = pad_id(tokenizer)
     draft = build_draft(cfg, target_fp32)
     log = train(cfg, train_rows, draft, pad, work / "checkpoints")
     draft = draft.float().eval()
