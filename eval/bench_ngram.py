@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from specdec.drafters import DecodeState, NGramDrafter
-from specdec.models import load_model
+from specdec.models import ASSETS, BUILTIN_DRAFT
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -47,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_ngram.json"))
     args = parser.parse_args()
-    _, tokenizer = load_model("smollm2-135m-instruct-draft")  # the shipped tokenizer; no weights needed here
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / BUILTIN_DRAFT)  # the target's tokenizer, shipped with the draft
     tokens = tokenizer(DATA.read_text()[:400_000]).input_ids
     results = [bench(tokens, n) for n in (1024, 4096, 16384)]
     for r in results:
