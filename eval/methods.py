@@ -1,6 +1,7 @@
 """The decoding methods the harness compares, each `[1, L] prompt ids -> Result`.
 
-- `baseline`: plain greedy `target.generate` (the reference for speedup and identity).
+- `baseline`: plain `target.generate` (the reference for speedup and identity), greedy, or sampling at
+  `temperature` when that is > 0 (as every method then does).
 - `draft`, `draft_chain`: specdec with the draft model (tree / chain); `ngram`: specdec's n-gram source;
   `composite`: n-gram then draft model (`Composite`).
 - `hf_assisted`: Hugging Face assisted generation with the same draft (`assistant_model=`).
@@ -42,6 +43,8 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
         "composite": lambda: Composite([NGramDrafter(**cfg.ngram_settings), ModelDrafter(draft, **cfg.draft_settings)]),
     }
     settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False)
+    if cfg.temperature > 0:  # sampling: the same warping for every method; identity is then meaningless
+        settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature)
     methods: dict[str, Method] = {}
     for name in cfg.methods:
         if name == "baseline":

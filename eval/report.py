@@ -24,9 +24,10 @@ def tokens_per_second(record: dict) -> float:
     return sum(choice["new_tokens"]) / max(sum(choice["wall_time"]), 1e-9)
 
 
-def summarize(answers: dict[str, dict[int, dict]], baseline: str = "baseline") -> dict:
+def summarize(answers: dict[str, dict[int, dict]], baseline: str = "baseline", sampled: bool = False) -> dict:
     """Per method: speedup per category and overall (mean per-prompt tokens/s of the method over that of
-    the baseline, on the questions both answered), mean accepted length, acceptance by depth, identity."""
+    the baseline, on the questions both answered), mean accepted length, acceptance by depth, identity
+    (None for `sampled` runs, whose outputs are random draws)."""
     base = answers[baseline]
     summary = {}
     for method, records in answers.items():
@@ -42,7 +43,7 @@ def summarize(answers: dict[str, dict[int, dict]], baseline: str = "baseline") -
             "tokens_per_s": statistics.fmean(tokens_per_second(records[q]) for q in common) if common else None,
             "mean_accepted_length": statistics.fmean(lengths) if lengths else None,
             "acceptance_by_depth": _by_depth(lengths),
-            "identical_share": _identical(records, base, common),
+            "identical_share": None if sampled else _identical(records, base, common),
         }
     return summary
 

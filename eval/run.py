@@ -7,6 +7,7 @@ then `summary.json` (recomputed from the answer files), a markdown table, and PN
 same command resumes: questions already answered by a method are skipped.
 
 Run: .venv/bin/python -m eval.run [questions=PATH] [per_category=N] [max_new_tokens=N] [dtype=fp32|bf16]
+                                 [temperature=T] [seed=N]
                                  [methods=[baseline,draft,...]] [out_dir=PATH]
 """
 
@@ -91,6 +92,7 @@ def run(cfg: DictConfig) -> dict:
     print(f"{len(questions)} questions, {len(questions) - len(todo)} already answered by every method")
 
     if todo:
+        torch.manual_seed(cfg.seed)
         target, tokenizer = load_model(cfg.target, dtype=cfg.dtype)
         draft, _ = load_model(cfg.draft, dtype=cfg.dtype)
         methods = build_methods(cfg, target, draft)
@@ -107,7 +109,7 @@ def run(cfg: DictConfig) -> dict:
     summary = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "environment": environment(),
-        "methods": summarize(answers),
+        "methods": summarize(answers, sampled=cfg.temperature > 0),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown_table(summary["methods"])

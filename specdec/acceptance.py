@@ -51,3 +51,56 @@ def greedy(tree: TokenTree, logits: torch.Tensor) -> Acceptance:
     best = int(torch.where(accepted, tree.depth, -1).argmax())
     path = tree.path_to(best)
     return Acceptance(path=path, tokens=[*tree.tokens[path[1:]].tolist(), int(pred[best])])
+
+
+def rejection_sample(tree: TokenTree, p: torch.Tensor, generator: torch.Generator) -> Acceptance:
+    """Recursive rejection sampling down the tree: the emitted tokens are distributed exactly as `p`.
+
+    At a node, the children are tried in index order. Child `x` with proposal distribution `q` is
+    accepted with probability `min(1, p(x) / q(x))`; on rejection `p` becomes the normalised residual
+    `max(0, p - q)` and the next sibling is tried. When a child is accepted the walk continues from it
+    with the target's `p` there; when none is (or the node has no children), the bonus token is
+    sampled from the current `p`, residual included. With a single child per node this is the standard
+    speculative sampling rule for chains.
+
+    A child's `q`: for a sampled node (`tree.sampled`), its parent's `tree.draft_probs` row with the
+    tokens of the earlier sampled siblings removed (they were drawn without replacement); for a
+    deterministic proposal (n-gram, or any tree without `sampled`), a one-hot on its token, so it is
+    accepted with probability `p(x)` and removed from `p` when rejected.
+
+    Args:
+        tree: the verified tree.
+        p: `[N, V]` the target's warped probabilities after each node (`Sampling.probs` of its logits).
+        generator: the only source of randomness.
+    """
+    p = p.float().cpu()
+    sampled = tree.sampled.tolist() if tree.sampled is not None else [False] * len(tree)
+    path, node = [0], 0
+    while True:
+        residual = p[node]  # [V]
+        drawn: list[int] = []  # tokens of the sampled siblings tried so far
+        for child in tree.children(node):
+            x = int(tree.tokens[child])
+            if sampled[child]:
+                q = tree.draft_probs[node].float().clone()
+                q[drawn] = 0.0
+                q /= q.sum()
+                drawn.append(x)
+            else:
+                q = torch.zeros_like(residual)
+                q[x] = 1.0
+            if float(torch.rand((), generator=generator)) < min(1.0, float(residual[x] / q[x])):
+                path.append(child)
+                node = child
+                break
+            residual = _normalised(residual - q, fallback=residual)
+        else:
+            bonus = int(torch.multinomial(residual, 1, generator=generator))
+            return Acceptance(path=path, tokens=[*tree.tokens[path[1:]].tolist(), bonus])
+
+
+def _normalised(weights: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """`max(0, weights)` normalised to sum 1; `fallback` where nothing is left (`p == q` up to rounding)."""
+    weights = weights.clamp(min=0)
+    total = float(weights.sum())
+    return weights / total if total > 1e-12 else fallback

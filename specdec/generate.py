@@ -19,6 +19,7 @@ from transformers.generation import GenerateDecoderOnlyOutput, MaxTimeCriteria, 
 from specdec import acceptance, kv, verify
 from specdec.control import Controller
 from specdec.drafters.base import DecodeState, Drafter
+from specdec.sampling import Sampling, default_generator
 
 # Generation options whose logits processing or search specdec does not reproduce, with their neutral value.
 _UNSUPPORTED_OPTIONS = {
@@ -111,6 +112,7 @@ class _Limits:
     eos_token_ids: frozenset[int]
     stopping_criteria: StoppingCriteriaList
     keep_logits: bool
+    sampling: Sampling | None  # None: greedy
 
 
 class SpeculativeGenerator:
@@ -145,13 +147,21 @@ class SpeculativeGenerator:
         generation_config: GenerationConfig | None = None,
         stopping_criteria: StoppingCriteriaList | None = None,
         streamer=None,
+        generator: torch.Generator | None = None,
         **kwargs,
     ) -> torch.Tensor | SpeculativeOutput:
         """Generate like `target.generate(...)`; takes the same arguments and returns the same types.
 
+        Greedy decoding gives `target.generate`'s tokens; sampling (`do_sample=True` with temperature,
+        top_k, top_p, min_p) gives its distribution, through lossless rejection sampling on the tree.
+
+        Args:
+            generator: a CPU `torch.Generator`, the only source of randomness when sampling (default:
+                one seeded from torch's global RNG, so `torch.manual_seed` makes runs repeatable).
+
         Raises:
             ValueError: empty prompt, a padding pattern other than left padding, no room for new tokens.
-            NotImplementedError: batch size > 1, sampling, and options (beam search, repetition penalty,
+            NotImplementedError: batch size > 1, and options (beam search, repetition penalty, typical_p,
                 ...) that specdec does not reproduce yet; use `target.generate` for those.
         """
         config, model_kwargs = _resolve_config(self.target, generation_config, kwargs)
@@ -163,21 +173,24 @@ class SpeculativeGenerator:
         limits = _limits(config, input_ids[0, :padding].tolist(), prompt.shape[1], stopping_criteria)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        new_tokens, logits, stats = self._decode(prompt, limits, streamer)
+        if limits.sampling is not None and generator is None:
+            generator = default_generator()
+        new_tokens, logits, stats = self._decode(prompt, limits, streamer, generator)
         if streamer is not None:
             streamer.end()
         sequences = torch.cat([input_ids, torch.tensor([new_tokens], dtype=input_ids.dtype).to(input_ids.device)], 1)
         if not config.return_dict_in_generate:
             return sequences
+        scores = [limits.sampling.warp(x) for x in logits] if limits.sampling is not None else logits
         return SpeculativeOutput(
             sequences=sequences,
-            scores=tuple(logits) if config.output_scores else None,
+            scores=tuple(scores) if config.output_scores else None,
             logits=tuple(logits) if config.output_logits else None,
             spec_stats=stats,
         )
 
     def _decode(
-        self, prompt: torch.Tensor, limits: _Limits, streamer
+        self, prompt: torch.Tensor, limits: _Limits, streamer, generator: torch.Generator | None
     ) -> tuple[list[int], list[torch.Tensor], SpecStats]:
         """The loop: propose, verify, accept, compact, commit, stop checks. `prompt` is `[1, L]`, unpadded."""
         stats = SpecStats()
@@ -193,7 +206,7 @@ class SpeculativeGenerator:
         while True:
             room = limits.max_length - len(limits.padding_ids) - len(tokens)  # new tokens still allowed
             plan = self.controller.plan() if self.controller else None
-            state = _state(tokens, room, plan)
+            state = _state(tokens, room, plan, limits.sampling, generator)
             tic = _now(self.target)
             tree = self.drafter.propose(state).truncate(state.max_depth)
             if int(tree.tokens[0]) != state.root:
@@ -206,7 +219,10 @@ class SpeculativeGenerator:
             stats.target_forwards += 1
             stats.tree_sizes.append(len(tree))
 
-            accepted = acceptance.greedy(tree, logits)
+            if limits.sampling is None:
+                accepted = acceptance.greedy(tree, logits)
+            else:
+                accepted = acceptance.rejection_sample(tree, limits.sampling.probs(logits), generator)
             kv.keep_path(cache, len(tokens) - 1, accepted.path)
             self.drafter.commit(accepted)
             if plan is not None:
@@ -258,25 +274,27 @@ def generate(
     return SpeculativeGenerator(target, drafter, controller).generate(inputs, **kwargs)
 
 
-def _state(tokens: list[int], room: int, plan) -> DecodeState:
+def _state(
+    tokens: list[int], room: int, plan, sampling: Sampling | None, generator: torch.Generator | None
+) -> DecodeState:
     """What the drafter may propose: at most `room - 1` deep (the bonus token takes the last slot)."""
+    ids = torch.tensor([tokens])
     if plan is None:
-        return DecodeState(tokens=torch.tensor([tokens]), max_depth=room - 1)
+        return DecodeState(tokens=ids, max_depth=room - 1, sampling=sampling, generator=generator)
     depth = min(room - 1, plan.depth) if plan.speculate else 0
-    return DecodeState(tokens=torch.tensor([tokens]), max_depth=depth, budget=plan.budget, threshold=plan.threshold)
+    return DecodeState(ids, depth, plan.budget, plan.threshold, sampling, generator)
 
 
 def _resolve_config(
     target: PreTrainedModel, generation_config: GenerationConfig | None, kwargs: dict
 ) -> tuple[GenerationConfig, dict]:
-    """Hugging Face's priority: keyword arguments > `generation_config` > `target.generation_config`."""
+    """Hugging Face's priority: keyword arguments > `generation_config` > `target.generation_config` >
+    generate()'s defaults."""
     config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
     config.update(**target.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+    # then generate()'s own defaults (e.g. top_k=50 when sampling), exactly as target.generate() fills them in
+    config.update(**target.generation_config._get_default_generation_params(), defaults_only=True)
     model_kwargs = config.update(**kwargs)
-    if config.do_sample:
-        raise NotImplementedError(
-            "do_sample=True is not supported yet: specdec is lossless for greedy decoding; use do_sample=False"
-        )
     for name, neutral in _UNSUPPORTED_OPTIONS.items():
         value = getattr(config, name, None)
         if value is not None and value != neutral:
@@ -323,7 +341,8 @@ def _limits(
     if config.max_time is not None:
         criteria.append(MaxTimeCriteria(config.max_time))
     keep_logits = bool(config.return_dict_in_generate and (config.output_scores or config.output_logits))
-    return _Limits(max_length, tuple(padding_ids), eos_ids, criteria, keep_logits)
+    sampling = Sampling.from_generation_config(config)
+    return _Limits(max_length, tuple(padding_ids), eos_ids, criteria, keep_logits, sampling)
 
 
 def _now(model: PreTrainedModel) -> float:

@@ -11,6 +11,8 @@ Builders are pure functions:
 - `TokenTree.trie(root, sequences)`: candidate continuations, shared prefixes merged.
 - `TokenTree.from_choices(root, choices, candidates)`: static tree shapes (Medusa style).
 - `expand_topk(tree, frontier, logprobs, branching, budget)`: one level of best-first expansion.
+- `expand_sampled(tree, frontier, probs, counts, generator)`: one level of children drawn from the draft,
+  for lossless speculative sampling.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ class TokenTree:
         parents: `[N]` parent index of each node; `parents[0] == -1` and `parents[i] < i`.
         scores: `[N]` optional draft log-probability of the path from the root to each node
             (0 at the root). Draft sources use it to rank and prune; verification ignores it.
+        sampled: `[N]` optional bool: node `i` was drawn at random from its parent's row of `draft_probs`
+            (siblings drawn in index order, without replacement). Other nodes are deterministic
+            proposals (n-gram matches, top-k picks). Only lossless sampling reads it.
+        draft_probs: `[N, V]` the draft's next-token distribution after each node that has sampled
+            children (other rows unused); required when any node is sampled.
 
     Raises:
         ValueError: if the shapes disagree or the parents are not in topological order.
@@ -44,6 +51,8 @@ class TokenTree:
     tokens: torch.Tensor  # [N] long
     parents: torch.Tensor  # [N] long
     scores: torch.Tensor | None = field(default=None, compare=False)  # [N] float
+    sampled: torch.Tensor | None = field(default=None, compare=False)  # [N] bool
+    draft_probs: torch.Tensor | None = field(default=None, compare=False)  # [N, V] float
 
     def __post_init__(self) -> None:
         if self.tokens.dim() != 1 or self.tokens.shape != self.parents.shape or len(self.tokens) == 0:
@@ -56,6 +65,10 @@ class TokenTree:
             raise ValueError(f"parents must be -1 for the root and point to an earlier node, got {parents}")
         if self.scores is not None and self.scores.shape != self.tokens.shape:
             raise ValueError(f"scores must have shape {tuple(self.tokens.shape)}, got {tuple(self.scores.shape)}")
+        if self.sampled is not None and (self.sampled.shape != self.tokens.shape or bool(self.sampled[0])):
+            raise ValueError("sampled must be a [N] bool tensor that is False at the root")
+        if self.is_sampled and (self.draft_probs is None or self.draft_probs.shape[0] != len(self.tokens)):
+            raise ValueError("a tree with sampled nodes needs draft_probs of shape [N, V]")
 
     # ---------------------------------------------------------------- builders
 
@@ -180,6 +193,11 @@ class TokenTree:
         return int(self.depth.max())
 
     @property
+    def is_sampled(self) -> bool:
+        """Whether any node was drawn at random from the draft (see `sampled`)."""
+        return self.sampled is not None and bool(self.sampled.any())
+
+    @property
     def expected_gain(self) -> float:
         """Expected accepted draft tokens if `scores` are calibrated path log-probabilities (0 if unscored)."""
         return 0.0 if self.scores is None or len(self) == 1 else float(self.scores[1:].exp().sum())
@@ -188,6 +206,9 @@ class TokenTree:
 
     def select(self, keep: torch.Tensor) -> TokenTree:
         """The subtree of nodes where `keep` (`[N]` bool) is True; a kept node needs a kept parent.
+
+        Sampled siblings are drawn in index order without replacement: keep a prefix of them, or the later
+        ones' proposal distributions no longer say what they were drawn from.
 
         Raises:
             ValueError: if the root is dropped or a kept node's parent is dropped.
@@ -200,7 +221,9 @@ class TokenTree:
         kept = torch.nonzero(keep).flatten()
         new_parents = torch.where(kept == 0, -1, new_index[self.parents[kept].clamp(min=0)])
         scores = None if self.scores is None else self.scores[kept]
-        return TokenTree(self.tokens[kept], new_parents, scores)
+        sampled = None if self.sampled is None else self.sampled[kept]
+        draft_probs = None if self.draft_probs is None else self.draft_probs[kept]
+        return TokenTree(self.tokens[kept], new_parents, scores, sampled, draft_probs)
 
     def truncate(self, max_depth: int) -> TokenTree:
         """Drop the nodes deeper than `max_depth` (0 leaves only the root)."""
@@ -253,3 +276,59 @@ def expand_topk(
         scores=torch.cat([scores, path_scores[rows, cols]]),
     )
     return grown, list(range(n, n + len(best)))
+
+
+def expand_sampled(
+    tree: TokenTree,
+    frontier: Sequence[int],
+    probs: torch.Tensor,
+    counts: Sequence[int],
+    generator: torch.Generator,
+) -> tuple[TokenTree, list[int]]:
+    """Grow `tree` by one level of children drawn at random from the draft's distributions.
+
+    Frontier node `i` draws `counts[i]` distinct tokens from `probs[i]`, without replacement (Gumbel
+    top-k; draw order = node order). How many children each node gets is fixed before any is drawn and
+    every drawn token is kept: a token's chance of being in the tree must not depend on its own value,
+    or it is no longer a sample from `q` and rejection sampling stops being exact.
+
+    Args:
+        tree: the tree so far.
+        frontier: node indices to expand, one per row of `probs`.
+        probs: `[F, V]` draft next-token probabilities of each frontier node (already warped).
+        counts: children to draw per frontier node (fewer where `probs` has fewer non-zero tokens).
+        generator: the only source of randomness.
+
+    Returns:
+        The grown tree (`sampled` True and `draft_probs` rows set for the frontier) and the new nodes, in
+        index order (the order in which a forward over them returns their logits).
+    """
+    n, vocab = len(tree), probs.shape[-1]
+    scores = tree.scores if tree.scores is not None else torch.zeros(n)
+    sampled = tree.sampled if tree.sampled is not None else torch.zeros(n, dtype=torch.bool)
+    draft_probs = tree.draft_probs if tree.draft_probs is not None else torch.zeros(n, vocab)
+    draft_probs = draft_probs.clone()
+    tokens, parents, new_scores = [], [], []
+    for i, (node, count) in enumerate(zip(frontier, counts, strict=True)):
+        q = probs[i].float()
+        count = min(count, int((q > 0).sum()))
+        if count <= 0:
+            continue
+        draft_probs[node] = q
+        uniform = torch.rand(vocab, generator=generator).clamp_(min=torch.finfo(torch.float32).tiny)
+        keys = q.log() - (-uniform.log()).log()  # log q + Gumbel noise
+        drawn = keys.topk(count).indices  # [count] a sample without replacement, in draw order
+        tokens.append(drawn)
+        parents.append(torch.full((count,), node, dtype=torch.long))
+        new_scores.append(scores[node] + q[drawn].log())
+    if not tokens:
+        return TokenTree(tree.tokens, tree.parents, scores, sampled, draft_probs), []
+    added = torch.cat(tokens)
+    grown = TokenTree(
+        tokens=torch.cat([tree.tokens, added]),
+        parents=torch.cat([tree.parents, *parents]),
+        scores=torch.cat([scores, *new_scores]),
+        sampled=torch.cat([sampled, torch.ones(len(added), dtype=torch.bool)]),
+        draft_probs=torch.cat([draft_probs, draft_probs.new_zeros(len(added), vocab)]),
+    )
+    return grown, list(range(n, len(grown)))

@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
     return save_tiny(root / "target", 0, 2), save_tiny(root / "draft", 1, 1), questions, root
 
 
-def config(setup, methods="[baseline,ngram]"):
+def config(setup, methods="[baseline,ngram]", extra=()):
     target, draft, questions, root = setup
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(
@@ -66,6 +66,7 @@ def config(setup, methods="[baseline,ngram]"):
                 f"methods={methods}",
                 f"out_dir={root / 'out'}",
                 "warmup=0",
+                *extra,
             ],
         )
 
@@ -119,3 +120,12 @@ def test_rerun_resumes_and_skips_finished_questions(setup):
 def test_unknown_method_is_a_clear_error(setup):
     with pytest.raises(ValueError, match="unknown method 'medusa2'"):
         run(config(setup, methods="[baseline,medusa2]"))
+
+
+def test_sampling_run_reports_speed_and_acceptance_but_no_identity(setup):
+    cfg = config(setup, methods="[baseline,draft]", extra=("temperature=0.8", f"out_dir={setup[3] / 'sampled'}"))
+    summary = run(cfg)["methods"]
+    assert summary["draft"]["identical_share"] is None and summary["draft"]["mean_accepted_length"] >= 1.0
+    for record in lines(setup[3] / "sampled" / "answers" / "draft.jsonl"):
+        choice = record["choices"][0]
+        assert all(sum(a) == n for a, n in zip(choice["accept_lengths"], choice["new_tokens"], strict=True))

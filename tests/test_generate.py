@@ -172,7 +172,6 @@ def test_flash_or_flex_attention_target_is_refused():
     [
         (dict(inputs=torch.randint(3, VOCAB, (2, 5))), NotImplementedError, "batch size 2"),
         (dict(inputs=torch.zeros(1, 0, dtype=torch.long)), ValueError, "empty prompt"),
-        (dict(inputs=torch.tensor([[5, 6]]), do_sample=True), NotImplementedError, "do_sample"),
         (dict(inputs=torch.tensor([[5, 6]]), repetition_penalty=1.3), NotImplementedError, "repetition_penalty"),
         (dict(inputs=torch.tensor([[5, 6]]), num_beams=4), NotImplementedError, "num_beams"),
         (dict(inputs=torch.tensor([[5, 6]]), max_new_tokens=0), ValueError, "max_new_tokens"),

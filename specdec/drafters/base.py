@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.acceptance import Acceptance
+from specdec.sampling import Sampling
 from specdec.tree import TokenTree
 
 
@@ -23,12 +24,17 @@ class DecodeState:
         max_depth: the deepest draft worth proposing (0: draft nothing, this is a plain step).
         budget: most draft nodes (None: the source's own limit).
         threshold: confidence stop: do not extend a branch whose path probability is below it.
+        sampling: the warping of the target's sampling (None: greedy decoding). Sources that draw
+            tokens at random use it on their own logits and mark those nodes `sampled`.
+        generator: the randomness for such draws (set whenever `sampling` is).
     """
 
     tokens: torch.Tensor  # [1, L]
     max_depth: int
     budget: int | None = None
     threshold: float = 0.0
+    sampling: Sampling | None = None
+    generator: torch.Generator | None = None
 
     @property
     def min_score(self) -> float:

@@ -38,6 +38,7 @@ class Composite(Drafter):
     tokens (by its scores) is used alone and the later, costlier sources are not asked; so an n-gram hit
     on text that repeats the prompt saves the draft model's time, and a miss costs nothing. Otherwise
     the trees of all sources are merged into one (shared prefixes merged, at most `tree_budget` nodes).
+    When sampling, a source that draws its tokens at random ends the round: its tree is used alone.
 
     Args:
         drafters: the sources, cheapest first.
@@ -61,7 +62,8 @@ class Composite(Drafter):
         for drafter in self.drafters:
             tree = drafter.propose(state)
             self._asked.append((drafter, tree))
-            if tree.expected_gain >= self.skip_gain:
+            # a tree of random draws is used as drawn: choosing it by its tokens' values would bias them
+            if tree.is_sampled or tree.expected_gain >= self.skip_gain:
                 return tree
         trees = [tree for _, tree in self._asked if len(tree) > 1]
         return merge_trees(trees, self.tree_budget) if trees else TokenTree.chain(state.root)

@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 from specdec import kv, verify
 from specdec.acceptance import Acceptance
 from specdec.drafters.base import DecodeState, Drafter
-from specdec.tree import TokenTree, expand_topk
+from specdec.tree import TokenTree, expand_sampled, expand_topk
 
 
 def vocab_size(model: PreTrainedModel) -> int:
@@ -24,6 +24,9 @@ class ModelDrafter(Drafter):
     depth `d` by path probability, each frontier node offering its `branching` best next tokens.
     `branching=1` gives a chain. A controller's plan (`state.budget`, `state.threshold`) narrows the
     tree further: nodes below the confidence threshold are not added, and drafting stops when none is.
+    When sampling (`state.sampling`), children are drawn from the draft's warped distribution instead
+    of taken top-k, as lossless rejection sampling needs: `branching` distinct tokens at the root, then
+    one child per confident node of the previous level.
     The draft keeps its own KV cache in step with the accepted tokens: the
     accepted path's entries are kept after each step, so the context is never prefilled again.
 
@@ -71,23 +74,45 @@ class ModelDrafter(Drafter):
         out = verify.forward_tree(self.model, self._cache, TokenTree.chain(pending[0], pending[1:]))
         self._committed = state.tokens.shape[1]
         self._fed = 1  # the root sits at the end of the cache now
-        logprobs = torch.log_softmax(out.logits[0, -1:].float(), dim=-1).cpu()  # [1, V]
+        dist = _next_token(out.logits[0, -1:], state)  # [1, V]
         frontier = [0]
         depth = min(self.depth, state.max_depth)
         budget = min(self.tree_budget, state.budget or self.tree_budget)
         for level in range(depth):
             room = budget - (len(tree) - 1)
-            # the first level always keeps the greedy token, so acceptance is measured even below the threshold
+            # the first level always gets a child, so acceptance is measured even below the threshold
             min_score = state.min_score if level > 0 else float("-inf")
-            tree, frontier = expand_topk(
-                tree, frontier, logprobs, self.branching, min(self.branching, room), min_score=min_score
-            )
+            if state.sampling is None:
+                width = min(self.branching, room)
+                tree, frontier = expand_topk(tree, frontier, dist, self.branching, width, min_score=min_score)
+            else:
+                tree, frontier = self._expand_sampled(tree, frontier, dist, min(self.branching, room), min_score, state)
             if not frontier or level == depth - 1 or room <= len(frontier):
                 break
             out = verify.forward_tree(self.model, self._cache, tree, start=self._fed)
             self._fed = len(tree)
-            logprobs = torch.log_softmax(out.logits[0].float(), dim=-1).cpu()  # [F, V]
+            dist = _next_token(out.logits[0], state)  # [F, V]
         return tree
+
+    def _expand_sampled(
+        self,
+        tree: TokenTree,
+        frontier: list[int],
+        probs: torch.Tensor,
+        width: int,
+        min_score: float,
+        state: DecodeState,
+    ) -> tuple[TokenTree, list[int]]:
+        """One level of at most `width` children drawn from the draft: one per confident frontier node, the
+        rest from the best one. Decided from the parents' scores only, before drawing (see `expand_sampled`)."""
+        scores = tree.scores if tree.scores is not None else torch.zeros(len(tree))
+        score = {i: float(scores[node]) for i, node in enumerate(frontier)}  # row of probs -> parent's score
+        rows = sorted((i for i in score if score[i] >= min_score), key=score.get, reverse=True)[:width]
+        if not rows:
+            return tree, []
+        counts = [1] * len(rows)
+        counts[0] += width - len(rows)
+        return expand_sampled(tree, [frontier[i] for i in rows], probs[rows], counts, state.generator)
 
     def commit(self, acceptance: Acceptance) -> None:
         if self._fed == 0:  # nothing was drafted: the cache still holds only accepted tokens
@@ -98,3 +123,10 @@ class ModelDrafter(Drafter):
         kv.keep_path(self._cache, prefix, in_cache)
         self._committed = prefix + len(in_cache)
         self._fed = 0
+
+
+def _next_token(logits: torch.Tensor, state: DecodeState) -> torch.Tensor:
+    """`[F, V]` draft logits -> log-probabilities (greedy) or warped probabilities (sampling), on the CPU."""
+    if state.sampling is None:
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
+    return state.sampling.probs(logits).cpu()
