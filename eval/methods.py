@@ -3,7 +3,8 @@
 - `baseline`: plain `target.generate` (the reference for speedup and identity), greedy, or sampling at
   `temperature` when that is > 0 (as every method then does).
 - `draft`, `draft_chain`: specdec with the draft model (tree / chain); `ngram`: specdec's n-gram source;
-  `composite`: n-gram then draft model (`Composite`).
+  `medusa`: specdec with Medusa heads; `composite`: n-gram then draft model (`Composite`);
+  `medusa_ngram`: n-gram then Medusa heads.
 - `hf_assisted`: Hugging Face assisted generation with the same draft (`assistant_model=`).
 - `hf_prompt_lookup`: Hugging Face prompt lookup decoding (`prompt_lookup_num_tokens=`).
 """
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
+from heads.medusa import MedusaHeads
 from specdec.control import Controller
-from specdec.drafters import Composite, Drafter, ModelDrafter, NGramDrafter
+from specdec.drafters import Composite, Drafter, MedusaDrafter, ModelDrafter, NGramDrafter
 from specdec.generate import SpeculativeGenerator
 
 PEERS = ("hf_assisted", "hf_prompt_lookup")
@@ -41,6 +43,10 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
         "draft_chain": lambda: ModelDrafter(draft, **{**cfg.draft_settings, "branching": 1}),
         "ngram": lambda: NGramDrafter(**cfg.ngram_settings),
         "composite": lambda: Composite([NGramDrafter(**cfg.ngram_settings), ModelDrafter(draft, **cfg.draft_settings)]),
+        "medusa": lambda: MedusaDrafter(MedusaHeads.from_pretrained(cfg.medusa_heads, target)),
+        "medusa_ngram": lambda: Composite(
+            [NGramDrafter(**cfg.ngram_settings), MedusaDrafter(MedusaHeads.from_pretrained(cfg.medusa_heads, target))]
+        ),
     }
     settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False)
     if cfg.temperature > 0:  # sampling: the same warping for every method; identity is then meaningless

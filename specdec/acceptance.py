@@ -104,3 +104,39 @@ def _normalised(weights: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     weights = weights.clamp(min=0)
     total = float(weights.sum())
     return weights / total if total > 1e-12 else fallback
+
+
+@dataclass(frozen=True)
+class Typical:
+    """LOSSY, opt-in: Medusa's typical acceptance for sampling.
+
+    A draft token `x` after a node is accepted when `p(x) > min(epsilon, delta * exp(-H(p)))`, with `H`
+    the entropy of the target's warped distribution at that node; the longest such path is kept and the
+    bonus token is sampled from `p` after it. Faster than rejection sampling when the target is unsure,
+    but the output does NOT follow the target's distribution. Defaults: the Medusa paper's.
+    """
+
+    epsilon: float = 0.09
+    delta: float = 0.3
+
+
+def typical(tree: TokenTree, p: torch.Tensor, rule: Typical, generator: torch.Generator) -> Acceptance:
+    """LOSSY: the deepest path whose tokens all pass `rule` (see `Typical`), plus a bonus token from `p`.
+
+    Args:
+        tree: the verified tree.
+        p: `[N, V]` the target's warped probabilities after each node.
+        rule: the thresholds.
+        generator: the only source of randomness (the bonus token).
+    """
+    p = p.float().cpu()
+    entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)  # [N]
+    threshold = torch.clamp(rule.delta * torch.exp(-entropy), max=rule.epsilon)  # [N]
+    passes = torch.ones(len(tree), dtype=torch.bool)  # [N] node's token passes at its parent
+    parents = tree.parents[1:]
+    passes[1:] = p[parents, tree.tokens[1:]] > threshold[parents]
+    accepted = ~(tree.ancestor_mask & ~passes).any(dim=-1)
+    best = int(torch.where(accepted, tree.depth, -1).argmax())
+    path = tree.path_to(best)
+    bonus = int(torch.multinomial(p[best], 1, generator=generator))
+    return Acceptance(path=path, tokens=[*tree.tokens[path[1:]].tolist(), bonus])

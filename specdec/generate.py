@@ -124,6 +124,9 @@ class SpeculativeGenerator:
         controller: adapts depth, node budget and confidence threshold from measured acceptance and
             costs, and falls back to plain steps when drafting does not pay (`Controller()` by default;
             `None` drafts exactly as the drafter is configured). It keeps learning across calls.
+        lossy_typical_acceptance: LOSSY, opt-in: when sampling, accept draft tokens by Medusa's typical
+            acceptance (`acceptance.Typical`) instead of exact rejection sampling; the output then no
+            longer follows the target's distribution. Greedy decoding ignores it (and stays exact).
 
     Raises:
         ValueError: if the target's attention implementation or cache cannot take tree masks.
@@ -134,11 +137,18 @@ class SpeculativeGenerator:
         >>> out.sequences, out.spec_stats.mean_accepted_length
     """
 
-    def __init__(self, target: PreTrainedModel, drafter: Drafter, controller: Controller | None = _DEFAULT):
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        drafter: Drafter,
+        controller: Controller | None = _DEFAULT,
+        lossy_typical_acceptance: acceptance.Typical | None = None,
+    ):
         verify.check_supported(target.config)
         self.target = target
         self.drafter = drafter
         self.controller = Controller() if controller is _DEFAULT else controller
+        self.typical = lossy_typical_acceptance
 
     @torch.inference_mode()
     def generate(
@@ -200,19 +210,21 @@ class SpeculativeGenerator:
         self.drafter.start(self.target)
 
         tic = _now(self.target)
-        cache = verify.prefill(self.target, prompt[:, :-1])
+        cache, hidden = verify.prefill(self.target, prompt[:, :-1])
+        keep_hidden = self.drafter.uses_hidden_states
         stats.prefill_time, stats.target_forwards = _now(self.target) - tic, int(prompt.shape[1] > 1)
 
         while True:
             room = limits.max_length - len(limits.padding_ids) - len(tokens)  # new tokens still allowed
             plan = self.controller.plan() if self.controller else None
-            state = _state(tokens, room, plan, limits.sampling, generator)
+            state = _state(tokens, room, plan, limits.sampling, generator, hidden if keep_hidden else None)
             tic = _now(self.target)
             tree = self.drafter.propose(state).truncate(state.max_depth)
             if int(tree.tokens[0]) != state.root:
                 raise RuntimeError(f"{type(self.drafter).__name__} proposed a tree not rooted at the last token")
             toc = _now(self.target)
-            logits = verify.forward_tree(self.target, cache, tree).logits[0]  # [N, V]
+            out = verify.forward_tree(self.target, cache, tree, output_hidden_states=keep_hidden)
+            logits = out.logits[0]  # [N, V]
             verified = _now(self.target)
             stats.draft_time += toc - tic
             stats.verify_time += verified - toc
@@ -221,9 +233,13 @@ class SpeculativeGenerator:
 
             if limits.sampling is None:
                 accepted = acceptance.greedy(tree, logits)
+            elif self.typical is not None:  # lossy, asked for
+                accepted = acceptance.typical(tree, limits.sampling.probs(logits), self.typical, generator)
             else:
                 accepted = acceptance.rejection_sample(tree, limits.sampling.probs(logits), generator)
             kv.keep_path(cache, len(tokens) - 1, accepted.path)
+            if keep_hidden:  # the state after the last accepted node: its LM head gave the bonus token
+                hidden = out.hidden_states[-1][0, accepted.path[-1]]
             self.drafter.commit(accepted)
             if plan is not None:
                 stats.plans.append(self.controller.history[-1])
@@ -275,14 +291,19 @@ def generate(
 
 
 def _state(
-    tokens: list[int], room: int, plan, sampling: Sampling | None, generator: torch.Generator | None
+    tokens: list[int],
+    room: int,
+    plan,
+    sampling: Sampling | None,
+    generator: torch.Generator | None,
+    hidden: torch.Tensor | None,
 ) -> DecodeState:
     """What the drafter may propose: at most `room - 1` deep (the bonus token takes the last slot)."""
     ids = torch.tensor([tokens])
     if plan is None:
-        return DecodeState(tokens=ids, max_depth=room - 1, sampling=sampling, generator=generator)
+        return DecodeState(ids, room - 1, sampling=sampling, generator=generator, hidden=hidden)
     depth = min(room - 1, plan.depth) if plan.speculate else 0
-    return DecodeState(ids, depth, plan.budget, plan.threshold, sampling, generator)
+    return DecodeState(ids, depth, plan.budget, plan.threshold, sampling, generator, hidden)
 
 
 def _resolve_config(

@@ -11,6 +11,7 @@ Builders are pure functions:
 - `TokenTree.trie(root, sequences)`: candidate continuations, shared prefixes merged.
 - `TokenTree.from_choices(root, choices, candidates)`: static tree shapes (Medusa style).
 - `expand_topk(tree, frontier, logprobs, branching, budget)`: one level of best-first expansion.
+- `best_choices(accuracy, budget)`: the static shape with the most expected accepted tokens.
 - `expand_sampled(tree, frontier, probs, counts, generator)`: one level of children drawn from the draft,
   for lossless speculative sampling.
 """
@@ -121,7 +122,12 @@ class TokenTree:
         )
 
     @staticmethod
-    def from_choices(root: int, choices: Sequence[Sequence[int]], candidates: torch.Tensor) -> TokenTree:
+    def from_choices(
+        root: int,
+        choices: Sequence[Sequence[int]],
+        candidates: torch.Tensor,
+        candidate_scores: torch.Tensor | None = None,
+    ) -> TokenTree:
         """A static tree shape filled with per-depth candidates (the Medusa tree format).
 
         Args:
@@ -130,13 +136,15 @@ class TokenTree:
                 candidate at depth 2 under the top candidate at depth 1. Every prefix of a choice
                 must itself be a choice (or be empty).
             candidates: `[depth, k]` token ids; row `d` holds the ranked candidates for depth `d + 1`.
+            candidate_scores: `[depth, k]` optional log-probabilities of the candidates; a node's score is
+                the sum along its path.
 
         Raises:
             ValueError: if a choice's prefix is missing or a rank exceeds `candidates`.
         """
         order = sorted({tuple(c) for c in choices}, key=lambda c: (len(c), c))
         index: dict[tuple[int, ...], int] = {(): 0}
-        tokens, parents = [root], [-1]
+        tokens, parents, scores = [root], [-1], [0.0]
         for choice in order:
             if choice[:-1] not in index:
                 raise ValueError(f"choice {choice} has no parent choice {choice[:-1]}")
@@ -146,7 +154,13 @@ class TokenTree:
             index[choice] = len(tokens)
             tokens.append(int(candidates[depth, rank]))
             parents.append(index[choice[:-1]])
-        return TokenTree(torch.tensor(tokens, dtype=torch.long), torch.tensor(parents, dtype=torch.long))
+            if candidate_scores is not None:
+                scores.append(scores[parents[-1]] + float(candidate_scores[depth, rank]))
+        return TokenTree(
+            torch.tensor(tokens, dtype=torch.long),
+            torch.tensor(parents, dtype=torch.long),
+            torch.tensor(scores) if candidate_scores is not None else None,
+        )
 
     # ---------------------------------------------------------------- derived structure
 
@@ -230,6 +244,36 @@ class TokenTree:
         if self.max_depth <= max_depth:
             return self
         return self.select(self.depth <= max(max_depth, 0))
+
+
+def best_choices(accuracy: torch.Tensor, budget: int) -> list[tuple[int, ...]]:
+    """The static tree (Medusa choices) of `budget` nodes with the highest expected accepted length.
+
+    A node `(r1, ..., rd)` is accepted when the rank-`r1` candidate at depth 1, ..., the rank-`rd` one at
+    depth d are all right; taking the ranks' accuracies as independent, its probability is
+    `accuracy[0, r1] * ... * accuracy[d-1, rd]`. The expected accepted length is the sum over nodes, and
+    since a child is never likelier than its parent, the `budget` likeliest nodes form a tree: taken
+    best first from a frontier, they are the optimum (as in the Medusa paper's tree search).
+
+    Args:
+        accuracy: `[depth, k]` probability that the rank-r candidate at depth d+1 is the right token
+            (measured on held-out data, e.g. by `training/train_medusa.py`).
+        budget: nodes in the tree (root not counted).
+
+    Returns:
+        The choices, best first.
+    """
+    depth, k = accuracy.shape
+    acc = accuracy.double().tolist()
+    frontier = [(-acc[0][r], (r,)) for r in range(k)]
+    chosen: list[tuple[int, ...]] = []
+    while frontier and len(chosen) < budget:
+        frontier.sort()
+        neg, choice = frontier.pop(0)
+        chosen.append(choice)
+        if len(choice) < depth:
+            frontier += [(neg * acc[len(choice)][r], (*choice, r)) for r in range(k)]
+    return chosen
 
 
 def expand_topk(

@@ -94,9 +94,11 @@ def forward_tree(
     )
 
 
-def prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> DynamicCache:
-    """A new cache holding `input_ids` (`[1, L]`, may be empty)."""
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor | None]:
+    """A new cache holding `input_ids` (`[1, L]`, may be empty), and the final hidden state `[H]` at the
+    last position (None when empty): what the LM head turns into the next token's logits."""
     cache = kv.new_cache(model)
-    if input_ids.shape[-1] > 0:
-        model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True)
-    return cache
+    if input_ids.shape[-1] == 0:
+        return cache, None
+    out = model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True, output_hidden_states=True)
+    return cache, out.hidden_states[-1][0, -1]

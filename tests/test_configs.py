@@ -31,8 +31,9 @@ def test_top_level_configs_compose_and_resolve(name):
     assert resolved
 
 
-def test_distill_config_never_trains_on_evaluation_prompts():
+@pytest.mark.parametrize("name", ["distill_draft", "train_medusa"])
+def test_training_configs_never_train_on_evaluation_prompts(name):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="distill_draft", return_hydra_config=True)
-    sources = list(cfg.data.sources)
+        cfg = compose(config_name=name, return_hydra_config=True)
+    sources = [*cfg.data.sources, *(cfg.data.teacher_forced or {})]
     assert sources and not [s for s in sources if s.startswith("dev_") or "humaneval" in s]

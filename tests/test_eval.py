@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from eval.report import tokens_per_second
 from eval.run import run, select_questions
+from heads.medusa import MedusaHeads
 from specdec.models import ASSETS, BUILTIN_DRAFT
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -123,9 +124,12 @@ def test_unknown_method_is_a_clear_error(setup):
 
 
 def test_sampling_run_reports_speed_and_acceptance_but_no_identity(setup):
-    cfg = config(setup, methods="[baseline,draft]", extra=("temperature=0.8", f"out_dir={setup[3] / 'sampled'}"))
-    summary = run(cfg)["methods"]
+    heads = MedusaHeads.for_model(LlamaForCausalLM.from_pretrained(setup[0]), num_heads=2)
+    heads.save_pretrained(setup[3] / "heads")
+    extra = ("temperature=0.8", f"out_dir={setup[3] / 'sampled'}", f"medusa_heads={setup[3] / 'heads'}")
+    summary = run(config(setup, methods="[baseline,draft,medusa]", extra=extra))["methods"]
     assert summary["draft"]["identical_share"] is None and summary["draft"]["mean_accepted_length"] >= 1.0
+    assert summary["medusa"]["questions"] == 3
     for record in lines(setup[3] / "sampled" / "answers" / "draft.jsonl"):
         choice = record["choices"][0]
         assert all(sum(a) == n for a, n in zip(choice["accept_lengths"], choice["new_tokens"], strict=True))

@@ -16,12 +16,12 @@ def test_compaction_then_continuation_equals_fresh_prefill(arch, path_leaf):
     prefix = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     tree = TokenTree.trie(11, [[20, 21, 22], [30, 31], [20, 40, 41]])
     path = tree.path_to(path_leaf)
-    cache = verify.prefill(model, prefix)
+    cache, _ = verify.prefill(model, prefix)
     verify.forward_tree(model, cache, tree)
     kv.keep_path(cache, prefix.shape[1], path)
 
     accepted = torch.cat([prefix[0], tree.tokens[path]]).unsqueeze(0)
-    fresh = verify.prefill(model, accepted)
+    fresh, _ = verify.prefill(model, accepted)
     assert kv.length(cache) == kv.length(fresh) == accepted.shape[1]
     for kept, ref in zip(cache.layers, fresh.layers, strict=True):
         torch.testing.assert_close(kept.keys, ref.keys, rtol=1e-5, atol=1e-5)
@@ -35,7 +35,7 @@ def test_compaction_then_continuation_equals_fresh_prefill(arch, path_leaf):
 
 def test_crop_refuses_to_grow():
     model = tiny_model("llama")
-    cache = verify.prefill(model, torch.tensor([[3, 4, 5]]))
+    cache, _ = verify.prefill(model, torch.tensor([[3, 4, 5]]))
     kv.crop(cache, 2)
     assert kv.length(cache) == 2
     with pytest.raises(ValueError, match="cannot crop"):

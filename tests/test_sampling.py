@@ -16,9 +16,10 @@ import torch
 from tiny import tiny_model
 
 import specdec
+from heads.medusa import MedusaHeads
 from specdec import acceptance
 from specdec.acceptance import Acceptance
-from specdec.drafters import ModelDrafter, NGramDrafter
+from specdec.drafters import MedusaDrafter, ModelDrafter, NGramDrafter
 from specdec.sampling import Sampling
 from specdec.tree import TokenTree, expand_sampled
 
@@ -281,6 +282,14 @@ def tiny_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     return target, draft
 
 
+def noisy_heads(target) -> MedusaHeads:
+    heads = MedusaHeads.for_model(target, num_heads=2)
+    with torch.no_grad():
+        for param in heads.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    return heads
+
+
 def exact_two_tokens(target, x: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     with torch.no_grad():
         first = sampling.probs(target(x).logits[0, -1:])[0]  # [V]
@@ -301,15 +310,16 @@ def sample_counts(generate, x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("name", "drafter", "sampling"),
     [
-        ("draft tree", lambda d: ModelDrafter(d, depth=3, branching=2, tree_budget=5), dict(temperature=1.0)),
-        ("draft chain", lambda d: ModelDrafter(d, depth=3, branching=1), dict(temperature=0.7, top_k=6)),
-        ("ngram", lambda d: NGramDrafter(min_ngram=1), dict(temperature=1.0, top_p=0.9)),
+        ("draft tree", lambda t, d: ModelDrafter(d, depth=3, branching=2, tree_budget=5), dict(temperature=1.0)),
+        ("draft chain", lambda t, d: ModelDrafter(d, depth=3, branching=1), dict(temperature=0.7, top_k=6)),
+        ("ngram", lambda t, d: NGramDrafter(min_ngram=1), dict(temperature=1.0, top_p=0.9)),
+        ("medusa", lambda t, d: MedusaDrafter(noisy_heads(t), [(0,), (1,), (0, 0)]), dict(temperature=1.0)),
     ],
 )
 def test_generate_samples_the_target_distribution(name, drafter, sampling):
     target, draft = tiny_pair()
     x = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])
-    gen = specdec.SpeculativeGenerator(target, drafter(draft), controller=None)
+    gen = specdec.SpeculativeGenerator(target, drafter(target, draft), controller=None)
 
     def run(x, generator):
         return gen.generate(x, max_new_tokens=2, do_sample=True, eos_token_id=None, generator=generator, **sampling)
@@ -360,3 +370,38 @@ def test_sampling_with_the_controller_and_stats():
     assert out.sequences.shape[1] == x.shape[1] + 60 == x.shape[1] + stats.new_tokens
     assert len(stats.plans) == len(stats.accept_lengths) and len(out.scores) == 60
     assert stats.mean_accepted_length > 1.0  # the partly agreeing draft gets tokens accepted
+
+
+# ---------------------------------------------------------------- typical acceptance (lossy, opt-in)
+
+
+def test_typical_acceptance_thresholds_by_hand():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.zeros(3, V)
+    p[0, :2] = torch.tensor([0.7, 0.3])  # entropy 0.61: threshold min(0.09, 0.3 * e^-0.61) = 0.09
+    p[1, :4] = 0.25  # entropy 1.39: threshold 0.3 * 0.25 = 0.075
+    p[2, 5] = 1.0
+    tree = TokenTree.chain(0, [1, 3])  # p(1 | root) = 0.3 > 0.09, p(3 | node 1) = 0.25 > 0.075: both pass
+    result = acceptance.typical(tree, p, acceptance.Typical(), gen)
+    assert result.path == [0, 1, 2] and result.tokens == [1, 3, 5]
+    strict = acceptance.typical(tree, p, acceptance.Typical(epsilon=0.5, delta=1.0), gen)
+    assert strict.path == [0]  # 0.3 < min(0.5, e^-0.61 = 0.54)
+
+
+def test_typical_acceptance_is_lossy_and_only_used_when_asked():
+    def rule(tree, p, gen):
+        return acceptance.typical(tree, p, acceptance.Typical(), gen)
+
+    stat, critical = run_stub(SHAPES["chain"], rule)
+    assert stat > critical  # it does not keep the target's distribution: that is why it is opt-in
+    target, draft = tiny_pair()
+    x = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])
+    common = dict(max_new_tokens=30, do_sample=True, eos_token_id=None, return_dict_in_generate=True)
+    runs = {}
+    for name, typical in [("exact", None), ("typical", acceptance.Typical(epsilon=0.3, delta=0.6))]:
+        gen = specdec.SpeculativeGenerator(target, ModelDrafter(draft), None, lossy_typical_acceptance=typical)
+        runs[name] = gen.generate(x, generator=torch.Generator().manual_seed(0), **common)
+    assert runs["exact"].sequences.tolist() != runs["typical"].sequences.tolist()
+    greedy = specdec.SpeculativeGenerator(target, ModelDrafter(draft), None, acceptance.Typical())
+    expected = target.generate(x, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    assert greedy.generate(x, max_new_tokens=30, eos_token_id=None).tolist() == expected.tolist()

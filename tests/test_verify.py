@@ -28,7 +28,7 @@ def test_tree_logits_equal_path_logits(arch, attn):
     model = tiny_model(arch, attn)
     prefix = torch.randint(3, VOCAB, (1, 11), generator=torch.Generator().manual_seed(1))
     tree = sample_tree()
-    cache = verify.prefill(model, prefix)
+    cache, _ = verify.prefill(model, prefix)
     logits = verify.forward_tree(model, cache, tree).logits[0]  # [N, V]
     assert kv.length(cache) == prefix.shape[1] + len(tree)
     for path in tree.paths:
@@ -42,8 +42,8 @@ def test_feeding_a_tree_in_parts_equals_one_pass(arch):
     model = tiny_model(arch)
     prefix = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
     tree = sample_tree()
-    whole = verify.forward_tree(model, verify.prefill(model, prefix), tree).logits[0]
-    cache = verify.prefill(model, prefix)
+    whole = verify.forward_tree(model, verify.prefill(model, prefix)[0], tree).logits[0]
+    cache, _ = verify.prefill(model, prefix)
     parts = [verify.forward_tree(model, cache, tree.select(torch.arange(len(tree)) < 4)).logits[0]]
     parts.append(verify.forward_tree(model, cache, tree, start=4).logits[0])
     torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)

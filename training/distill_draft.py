@@ -20,180 +20,20 @@ Run: .venv/bin/python -m training.distill_draft  (see the config's header for a 
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
 import hydra
 import torch
 from accelerate import Accelerator
-from datasets import load_dataset
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
-from specdec.chat import chat_input_ids, load_questions
 from specdec.models import load_model
-
-# ---------------------------------------------------------------- stage 1: prompts
-
-
-def _prompt_text(row: dict) -> str:
-    """The user message of one training example, whatever the source's field names."""
-    if "question" in row:  # gsm8k
-        return row["question"]
-    text = row["instruction"]
-    instance_input = row.get("input") or (row.get("instances") or [{}])[0].get("input", "")
-    return f"{text}\n\n{instance_input}" if instance_input else text
-
-
-def _answer_text(row: dict) -> str:
-    """The human-written answer of one training example (for teacher-forced distillation)."""
-    if "answer" in row:  # gsm8k
-        return row["answer"]
-    if "response" in row:  # gpteacher
-        return row["response"]
-    return (row.get("instances") or [{}])[0].get("output", "")
-
-
-def evaluation_prompts(cfg: DictConfig) -> set[str]:
-    """Every turn of the dev question files: never trained on."""
-    dev_files = sorted(Path(cfg.data_dir).glob("dev_*_question.jsonl"))
-    return {turn.strip() for path in dev_files for q in load_questions(path) for turn in q["turns"]}
-
-
-def collect_prompts(cfg: DictConfig) -> list[dict]:
-    """Training prompts from the configured sources, minus anything equal to an evaluation question."""
-    data_dir = Path(cfg.data_dir)
-    evaluation = {
-        turn.strip()
-        for path in data_dir.glob("dev_*_question.jsonl")
-        for q in load_questions(path)
-        for turn in q["turns"]
-    }
-    prompts = []
-    for name, count in cfg.data.sources.items():
-        rows = load_dataset("json", data_files=str(data_dir / name), split="train")
-        rows = rows.shuffle(seed=cfg.seed).select(range(min(count, len(rows))))
-        prompts += [{"source": name, "text": t} for t in map(_prompt_text, rows) if t.strip() not in evaluation]
-    random.Random(cfg.seed).shuffle(prompts)
-    return prompts[: cfg.data.limit] if cfg.data.limit else prompts
-
-
-# ---------------------------------------------------------------- stage 2: the target's answers
-
-
-def generate_answers(cfg: DictConfig, target, tokenizer, prompts: list[dict], shard_dir: Path) -> list[dict]:
-    """The target's greedy answer to every prompt: `{prompt_ids, answer_ids, topk_ids, topk_logprobs, ...}` rows."""
-    pad = pad_id(tokenizer)
-    rows = []
-    for i, p in enumerate(prompts):
-        ids = chat_input_ids(tokenizer, [{"role": "user", "content": p["text"]}])[0].tolist()
-        if len(ids) <= cfg.data.max_prompt_tokens:
-            rows.append({"prompt_ids": ids, "source": p["source"], "heldout": i < cfg.data.heldout})
-    rows.sort(key=lambda r: len(r["prompt_ids"]))  # similar lengths batch with little padding
-    batches = [rows[i : i + cfg.data.gen_batch_size] for i in range(0, len(rows), cfg.data.gen_batch_size)]
-    batches = batches[: cfg.data.max_generated_batches]  # shortest prompts first; generation is the slow stage
-
-    def answer(batch: list[dict]) -> list[dict]:
-        return _generate_batch(target, [r["prompt_ids"] for r in batch], pad, tokenizer.eos_token_id, cfg)
-
-    return run_sharded(batches, shard_dir, "target answers", answer)
-
-
-@torch.inference_mode()
-def _generate_batch(target, prompts: list[list[int]], pad: int, eos: int, cfg: DictConfig) -> list[dict]:
-    """Greedy answers, with the target's top-k log-probabilities at every answer position (the KD signal)."""
-    width = max(map(len, prompts))
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = target.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=cfg.data.max_new_tokens,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-    )
-    logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.logits], 1)  # [B, T, V]
-    top_lp, top_ids = logprobs.topk(cfg.data.topk, dim=-1)  # [B, T, k]
-    answers = []
-    for i, row in enumerate(out.sequences[:, width:].tolist()):
-        end = row.index(eos) + 1 if eos in row else len(row)  # keep the EOS: the draft must predict it too
-        answers.append(
-            {
-                "answer_ids": row[:end],
-                "topk_ids": top_ids[i, :end].tolist(),
-                "topk_logprobs": top_lp[i, :end].half().tolist(),
-            }
-        )
-    return answers
-
-
-def teacher_forced_rows(cfg: DictConfig, target, tokenizer, shard_dir: Path) -> list[dict]:
-    """The target's top-k log-probabilities on human-written answers: one batched forward, no generation.
-
-    A cheaper second signal beside the target's own answers (about 5x more tokens per second on this CPU).
-    Rows have the same format as `generate_answers`'s, none held out.
-    """
-    evaluation = evaluation_prompts(cfg)
-    rows = []
-    for name, count in (cfg.data.get("teacher_forced") or {}).items():
-        data = load_dataset("json", data_files=str(Path(cfg.data_dir) / name), split="train")
-        data = data.shuffle(seed=cfg.seed + 1).select(range(min(count, len(data))))
-        for example in data:
-            prompt, answer = _prompt_text(example), _answer_text(example)
-            if prompt.strip() in evaluation or not answer.strip():
-                continue
-            prompt_ids = chat_input_ids(tokenizer, [{"role": "user", "content": prompt}])[0].tolist()
-            answer_ids = tokenizer(answer, add_special_tokens=False).input_ids[: cfg.data.max_new_tokens - 1]
-            if len(prompt_ids) <= cfg.data.max_prompt_tokens:
-                rows.append(
-                    {
-                        "prompt_ids": prompt_ids,
-                        "answer_ids": [*answer_ids, tokenizer.eos_token_id],
-                        "source": f"{name} (teacher-forced)",
-                        "heldout": False,
-                    }
-                )
-    rows.sort(key=lambda r: len(r["prompt_ids"]) + len(r["answer_ids"]))
-    batches = [rows[i : i + cfg.data.forced_batch_size] for i in range(0, len(rows), cfg.data.forced_batch_size)]
-    pad = pad_id(tokenizer)
-    return run_sharded(batches, shard_dir, "teacher-forced top-k", lambda batch: _teacher_topk(target, batch, pad, cfg))
-
-
-@torch.inference_mode()
-def _teacher_topk(target, batch: list[dict], pad: int, cfg: DictConfig) -> list[dict]:
-    input_ids, attention_mask, loss_mask = collate(batch, pad)
-    logits = target(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
-    out = []
-    for i in range(len(batch)):
-        top_lp, top_ids = torch.log_softmax(logits[i][loss_mask[i]].float(), -1).topk(cfg.data.topk, dim=-1)
-        out.append({"topk_ids": top_ids.tolist(), "topk_logprobs": top_lp.half().tolist()})
-    return out
-
-
-def run_sharded(batches: list[list[dict]], shard_dir: Path, desc: str, make) -> list[dict]:
-    """Extend every row of each batch with `make(batch)` (one dict per row), one JSONL shard per batch.
-
-    A shard is written atomically, so it exists only once complete: an interrupted run redoes just the
-    batch it was in. Returns every row of every shard.
-    """
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for index, batch in enumerate(tqdm(batches, desc=desc, unit="batch")):
-        shard = shard_dir / f"{index:05d}.jsonl"
-        if not shard.exists():
-            rows = [{**r, **extra} for r, extra in zip(batch, make(batch), strict=True)]
-            tmp = shard.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            tmp.rename(shard)
-    return [json.loads(line) for shard in sorted(shard_dir.glob("*.jsonl")) for line in shard.open()]
-
-
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
+from training.checkpoints import resume, save_checkpoint
+from training.data import collate, collect_prompts, generate_answers, make_batches, pad_id, teacher_forced_rows
 
 # ---------------------------------------------------------------- stage 3: training
 
@@ -254,27 +94,6 @@ _SCRATCH_FIELDS = (
 )
 
 
-def make_batches(rows: list[dict], batch_size: int, seed: int) -> list[list[dict]]:
-    """Length-bucketed batches in a seeded random order."""
-    rows = sorted(rows, key=lambda r: len(r["prompt_ids"]) + len(r["answer_ids"]))
-    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    random.Random(seed).shuffle(batches)
-    return batches
-
-
-def collate(batch: list[dict], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded `input_ids` and `attention_mask` `[B, T]`, and `loss_mask` (positions predicting answers)."""
-    seqs = [r["prompt_ids"] + r["answer_ids"] for r in batch]
-    width = max(map(len, seqs))
-    input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    loss_mask = torch.zeros_like(attention_mask, dtype=torch.bool)
-    for i, r in enumerate(batch):
-        start = len(r["prompt_ids"]) - 1  # the last prompt position predicts the first answer token
-        loss_mask[i, start : start + len(r["answer_ids"])] = True
-    return input_ids, attention_mask, loss_mask
-
-
 def sparse_targets(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's top-k at every answer position, in `loss_mask` order: ids `[M, k]`, probabilities `[M, k]`."""
     ids = torch.tensor([pos for r in batch for pos in r["topk_ids"]])
@@ -302,7 +121,7 @@ def train(cfg: DictConfig, rows: list[dict], draft, pad: int, ckpt_dir: Path) ->
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, steps)
     draft, optimizer, scheduler = accelerator.prepare(draft, optimizer, scheduler)
 
-    done, log = _resume(accelerator, ckpt_dir)
+    done, log = resume(accelerator, ckpt_dir)
     flat = [b for epoch in epochs for b in epoch][: steps * cfg.train.grad_accum]
     progress = tqdm(total=len(flat), initial=done, desc="distilling", unit="batch")
     tokens, tic = 0, time.perf_counter()
@@ -329,24 +148,9 @@ def train(cfg: DictConfig, rows: list[dict], draft, pad: int, ckpt_dir: Path) ->
             log.append(entry)
             progress.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}")
         if (index + 1) % cfg.train.checkpoint_every == 0 or index + 1 == len(flat):
-            _checkpoint(accelerator, ckpt_dir, index + 1, log)
+            save_checkpoint(accelerator, ckpt_dir, index + 1, log)
     progress.close()
     return log
-
-
-def _resume(accelerator: Accelerator, ckpt_dir: Path) -> tuple[int, list[dict]]:
-    latest = ckpt_dir / "latest.json"
-    if not latest.exists():
-        return 0, []
-    state = json.loads(latest.read_text())
-    accelerator.load_state(str(ckpt_dir / "state"))
-    print(f"resuming after batch {state['batch']}")
-    return state["batch"], state["log"]
-
-
-def _checkpoint(accelerator: Accelerator, ckpt_dir: Path, batch: int, log: list[dict]) -> None:
-    accelerator.save_state(str(ckpt_dir / "state"))
-    (ckpt_dir / "latest.json").write_text(json.dumps({"batch": batch, "log": log}))
 
 
 # ---------------------------------------------------------------- stage 4: report and export

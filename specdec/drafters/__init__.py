@@ -2,7 +2,8 @@
 
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.drafters.composite import Composite
+from specdec.drafters.medusa import MedusaDrafter
 from specdec.drafters.model import ModelDrafter
 from specdec.drafters.ngram import NGramDrafter
 
-__all__ = ["Composite", "DecodeState", "Drafter", "ModelDrafter", "NGramDrafter"]
+__all__ = ["Composite", "DecodeState", "Drafter", "MedusaDrafter", "ModelDrafter", "NGramDrafter"]

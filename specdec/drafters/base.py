@@ -27,6 +27,9 @@ class DecodeState:
         sampling: the warping of the target's sampling (None: greedy decoding). Sources that draw
             tokens at random use it on their own logits and mark those nodes `sampled`.
         generator: the randomness for such draws (set whenever `sampling` is).
+        hidden: `[H]` the target's final hidden state at the token before the root (the state whose LM
+            head predicted the root), for sources with `uses_hidden_states`; None otherwise or when the
+            prompt had a single token.
     """
 
     tokens: torch.Tensor  # [1, L]
@@ -35,6 +38,7 @@ class DecodeState:
     threshold: float = 0.0
     sampling: Sampling | None = None
     generator: torch.Generator | None = None
+    hidden: torch.Tensor | None = None
 
     @property
     def min_score(self) -> float:
@@ -47,7 +51,14 @@ class DecodeState:
 
 
 class Drafter(ABC):
-    """A draft source. One instance serves one generation at a time."""
+    """A draft source. One instance serves one generation at a time.
+
+    Attributes:
+        uses_hidden_states: the source reads `DecodeState.hidden` (the verifier then keeps the target's
+            hidden states; no extra target forward is run for them).
+    """
+
+    uses_hidden_states: bool = False
 
     def start(self, target: PreTrainedModel) -> None:
         """Called once before each generation: check compatibility with `target`, reset state.

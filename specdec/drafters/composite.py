@@ -53,6 +53,10 @@ class Composite(Drafter):
         self.skip_gain, self.tree_budget = skip_gain, tree_budget
         self._asked: list[tuple[Drafter, TokenTree]] = []
 
+    @property
+    def uses_hidden_states(self) -> bool:
+        return any(drafter.uses_hidden_states for drafter in self.drafters)
+
     def start(self, target) -> None:
         for drafter in self.drafters:
             drafter.start(target)

@@ -1,0 +1,213 @@
+"""Medusa heads: extra next-next-token predictors on the target's last hidden state.
+
+Given the target's final (normalised) hidden state `h_t` at position `t`, the target's LM head predicts
+token `t+1`; Medusa head `k` (0-based) predicts token `t+2+k`. Each head is `num_layers` residual blocks
+(`x + SiLU(W x + b)`, zero-initialised, so an untrained head starts as the base LM head) followed by an
+LM head: by default the target's own frozen LM head (shared, nothing extra to store or train), or one per
+head initialised from it (`shared_lm_head=False`).
+
+Heads are saved like adapters (`save_pretrained(dir)`: `medusa_config.json` + `medusa_heads.safetensors`)
+and record the base model they were trained for: its name, sizes and a weight fingerprint. Loading them
+onto another model is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from specdec.models import ASSETS
+
+CONFIG_FILE, WEIGHTS_FILE, ADAPTER_DIR = "medusa_config.json", "medusa_heads.safetensors", "lora_adapter"
+BUILTIN_HEADS = "smollm2-135m-instruct-medusa"
+
+
+@dataclass(frozen=True)
+class MedusaConfig:
+    """What a set of heads is and which model it belongs to.
+
+    Attributes:
+        num_heads: heads; head `k` predicts the token `k + 2` positions past the hidden state's.
+        num_layers: residual blocks per head.
+        shared_lm_head: heads end in the target's own LM head (True) or in their own copies.
+        hidden_size, vocab_size: the base model's.
+        base_model: the base model's name (informational).
+        base_fingerprint: `fingerprint(base model)`, checked on load.
+        lora: whether the heads were trained jointly with a LoRA adapter on the target (Medusa-2).
+        choices: the recommended static tree (Medusa choices), measured on held-out data after training.
+    """
+
+    num_heads: int = 4
+    num_layers: int = 1
+    shared_lm_head: bool = True
+    hidden_size: int = 0
+    vocab_size: int = 0
+    base_model: str = ""
+    base_fingerprint: list[float] = field(default_factory=list)
+    lora: bool = False
+    choices: list[list[int]] | None = None
+
+
+def fingerprint(model: PreTrainedModel, rows: int = 8) -> list[float]:
+    """Norms of `rows` evenly spaced rows of the input and output embeddings: the same for a model in
+    any dtype, different for another model (even one of the same architecture)."""
+    values = []
+    for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        index = torch.linspace(0, matrix.shape[0] - 1, rows).long().to(matrix.device)
+        values += matrix.detach().index_select(0, index).float().norm(dim=-1).tolist()
+    return [round(v, 5) for v in values]
+
+
+def check_base(config: MedusaConfig, model: PreTrainedModel) -> None:
+    """Raises ValueError unless `model` is the model the heads were trained for."""
+    text = model.config.get_text_config()
+    sizes = (text.hidden_size, model.get_output_embeddings().weight.shape[0])
+    if sizes != (config.hidden_size, config.vocab_size):
+        raise ValueError(
+            f"these Medusa heads were trained for {config.base_model!r} (hidden size {config.hidden_size}, "
+            f"vocabulary {config.vocab_size}), not for this model (hidden size {sizes[0]}, vocabulary "
+            f"{sizes[1]}); train heads for it with training/train_medusa.py"
+        )
+    expected, actual = torch.tensor(config.base_fingerprint), torch.tensor(fingerprint(model))
+    if expected.shape != actual.shape or not torch.allclose(expected, actual, rtol=2e-2, atol=1e-4):
+        raise ValueError(
+            f"these Medusa heads were trained for {config.base_model!r}, and this model's weights differ from "
+            f"it (fingerprint mismatch); train heads for this model with training/train_medusa.py"
+        )
+
+
+class ResBlock(nn.Module):
+    """`x + SiLU(W x + b)`, zero-initialised: the identity until trained."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """`num_heads` Medusa heads for one base model.
+
+    Example:
+        >>> heads = MedusaHeads.for_model(target, num_heads=4)          # new, untrained
+        >>> heads = MedusaHeads.from_pretrained("smollm2-135m-instruct-medusa", target)
+        >>> logits = heads(hidden, target.get_output_embeddings())      # [K, ..., V]
+    """
+
+    def __init__(self, config: MedusaConfig, lm_head_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        h, v = config.hidden_size, config.vocab_size
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*(ResBlock(h) for _ in range(config.num_layers))) for _ in range(config.num_heads)
+        )
+        self.lm_heads = None
+        if not config.shared_lm_head:
+            self.lm_heads = nn.ModuleList(nn.Linear(h, v, bias=False) for _ in range(config.num_heads))
+            if lm_head_weight is not None:
+                for head in self.lm_heads:
+                    head.weight.data.copy_(lm_head_weight)
+
+    @classmethod
+    def for_model(
+        cls,
+        model: PreTrainedModel,
+        num_heads: int = 4,
+        num_layers: int = 1,
+        shared_lm_head: bool = True,
+        name: str | None = None,
+    ) -> MedusaHeads:
+        """New (untrained) heads for `model`, in its dtype and on its device."""
+        lm_head = model.get_output_embeddings()
+        config = MedusaConfig(
+            num_heads=num_heads,
+            num_layers=num_layers,
+            shared_lm_head=shared_lm_head,
+            hidden_size=model.config.get_text_config().hidden_size,
+            vocab_size=lm_head.weight.shape[0],
+            base_model=name or model.config.name_or_path or type(model).__name__,
+            base_fingerprint=fingerprint(model),
+        )
+        heads = cls(config, None if shared_lm_head else lm_head.weight.detach().float())
+        return heads.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+
+    @property
+    def choices(self) -> list[tuple[int, ...]] | None:
+        """The tree shape measured best for these heads, if one was saved with them."""
+        return None if self.config.choices is None else [tuple(c) for c in self.config.choices]
+
+    def check(self, model: PreTrainedModel) -> None:
+        """Raises ValueError unless `model` is the model these heads were trained for."""
+        check_base(self.config, model)
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[..., H]` hidden states -> `[K, ..., H]` each head's input to its LM head."""
+        return torch.stack([block(hidden) for block in self.blocks])
+
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
+        """`[..., H]` final hidden states -> `[K, ..., V]` logits; `lm_head` (the target's) when shared."""
+        features = self.features(hidden)
+        if self.lm_heads is not None:
+            return torch.stack([head(f) for head, f in zip(self.lm_heads, features, strict=True)])
+        if lm_head is None:
+            raise ValueError("these heads share the target's LM head: pass target.get_output_embeddings()")
+        return lm_head(features)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, directory / WEIGHTS_FILE)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path, target: PreTrainedModel) -> MedusaHeads:
+        """Heads saved by `save_pretrained` (or the built-in `smollm2-135m-instruct-medusa`) for `target`.
+
+        Raises:
+            FileNotFoundError: no heads there.
+            ValueError: the heads belong to another model, or need their LoRA adapter (Medusa-2).
+        """
+        directory = ASSETS / BUILTIN_HEADS if str(name_or_dir) == BUILTIN_HEADS else Path(name_or_dir)
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"no Medusa heads in {directory} ({CONFIG_FILE} missing)")
+        config = MedusaConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+        if config.lora:
+            raise ValueError(
+                f"the heads in {directory} were trained with a LoRA adapter on the target (Medusa-2); load both "
+                f"with heads.medusa.load_medusa2(target, {str(directory)!r})"
+            )
+        return cls._load(directory, config, target)
+
+    @classmethod
+    def _load(cls, directory: Path, config: MedusaConfig, target: PreTrainedModel) -> MedusaHeads:
+        check_base(config, target)
+        heads = cls(config)
+        heads.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        weight = target.get_output_embeddings().weight
+        return heads.to(device=weight.device, dtype=weight.dtype).eval()
+
+
+def load_medusa2(target: PreTrainedModel, directory: str | Path) -> tuple[PreTrainedModel, MedusaHeads]:
+    """Medusa-2 heads and the target with their LoRA adapter merged in: a new model; `target` is untouched.
+
+    The fingerprint is checked against the base model before the adapter is applied.
+    """
+    directory = Path(directory)
+    config = MedusaConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+    check_base(config, target)
+    adapted = PeftModel.from_pretrained(copy.deepcopy(target), directory / ADAPTER_DIR).merge_and_unload()
+    return adapted.eval(), MedusaHeads._load(directory, config, adapted)

@@ -1,0 +1,312 @@
+"""Train Medusa heads for the target (config: conf/train_medusa.yaml).
+
+Stages, each resumable:
+
+1. data: prompts from ../shared/data formatted with the chat template, the target's own greedy answers
+   (self-distillation; shared with distill_draft through `data_cache`) and human-written answers
+   scored by the target; never the dev or held-out evaluation prompts.
+2. Medusa-1 (frozen target): the target's final hidden state at every answer position is computed once
+   and cached in shards with the labels of every head (token `t + 2 + k` for head `k`), so training
+   runs only the heads: the target is never run again.
+   Medusa-2 (`medusa.lora=true`): LoRA on the target through peft; joint loss = distillation of the
+   LM head towards the original target's top-k (keeps its outputs) + `heads_weight` * the heads' loss.
+3. training with accelerate (device, precision, `accelerate launch`), gradient accumulation, progress
+   bar, checkpoints and resume; head k's loss is weighted `head_decay ** k`.
+4. report: per-head top-1 / top-k accuracy on held-out self-generated answers, the tree shape with the
+   most expected accepted tokens for `tree_budget` nodes (`specdec.tree.best_choices`), tokens/s of
+   training; heads (+ adapter), `metrics.json` and a README with the command go to `output_dir`.
+
+Run: .venv/bin/python -m training.train_medusa  (see the config's header for Medusa-2 and a smoke run)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from accelerate import Accelerator
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from heads.medusa import ADAPTER_DIR, MedusaHeads
+from specdec.models import load_model
+from specdec.tree import best_choices
+from training.checkpoints import resume, save_checkpoint
+from training.data import collate, collect_prompts, generate_answers, make_batches, pad_id, teacher_forced_rows
+
+IGNORE = -100
+
+# ---------------------------------------------------------------- labels and features
+
+
+def head_labels(batch: list[dict], num_heads: int, pad: int) -> torch.Tensor:
+    """`[B, T, K]` head k's label at position t: token `t + 2 + k` of the conversation where that is an answer
+    token, else IGNORE (positions are those of `collate(batch)`)."""
+    input_ids, _, _ = collate(batch, pad)
+    labels = torch.full((*input_ids.shape, num_heads), IGNORE, dtype=torch.long)
+    for i, row in enumerate(batch):
+        seq, start = row["prompt_ids"] + row["answer_ids"], len(row["prompt_ids"])
+        for k in range(num_heads):
+            for t in range(max(start - 2 - k, 0), len(seq) - 2 - k):
+                labels[i, t, k] = seq[t + 2 + k]
+    return labels
+
+
+@torch.inference_mode()
+def cache_features(target, rows: list[dict], num_heads: int, pad: int, batch_size: int, shard_dir: Path) -> dict:
+    """The frozen target's final hidden state `[M, H]` and the heads' labels `[M, K]` at every position with at
+    least one label, in resumable safetensors shards (one per batch of conversations); returns them all."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    for index, batch in enumerate(tqdm(batches, desc=f"features ({shard_dir.name})", unit="batch")):
+        shard = shard_dir / f"{index:05d}.safetensors"
+        if shard.exists():
+            continue
+        input_ids, attention_mask, _ = collate(batch, pad)
+        out = target(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        labels = head_labels(batch, num_heads, pad)  # [B, T, K]
+        keep = (labels != IGNORE).any(-1)
+        tmp = shard.with_suffix(".tmp")
+        save_file({"hidden": out.hidden_states[-1][keep].bfloat16().contiguous(), "labels": labels[keep]}, tmp)
+        tmp.rename(shard)
+    shards = [load_file(p) for p in sorted(shard_dir.glob("*.safetensors"))]
+    return {key: torch.cat([s[key] for s in shards]) for key in ("hidden", "labels")}
+
+
+# ---------------------------------------------------------------- losses and accuracy
+
+
+def heads_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple[torch.Tensor, list[float]]:
+    """`sum_k decay**k * CE(head k)` for logits `[K, M, V]` and labels `[M, K]`; also each head's CE."""
+    losses = [
+        torch.nn.functional.cross_entropy(logits[k].float(), labels[:, k], ignore_index=IGNORE)
+        for k in range(logits.shape[0])
+    ]
+    losses = [torch.nan_to_num(loss) for loss in losses]  # a batch without labels for a head adds nothing
+    return sum(decay**k * loss for k, loss in enumerate(losses)), [loss.item() for loss in losses]
+
+
+@torch.inference_mode()
+def rank_accuracy(heads: MedusaHeads, lm_head, features: dict, topk: int, batch: int = 512) -> torch.Tensor:
+    """`[K, topk]` share of held-out positions where head k's rank-r candidate is the right token."""
+    hits = torch.zeros(heads.config.num_heads, topk)
+    counts = torch.zeros(heads.config.num_heads, 1)
+    for i in range(0, len(features["labels"]), batch):
+        hidden = features["hidden"][i : i + batch].to(lm_head.weight.dtype)
+        labels = features["labels"][i : i + batch].T  # [K, M]
+        top = heads(hidden, lm_head).topk(topk, dim=-1).indices  # [K, M, topk]
+        valid = labels != IGNORE
+        hits += ((top == labels.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(1).float()
+        counts += valid.sum(1, keepdim=True).float()
+    return hits / counts.clamp(min=1)
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_medusa1(cfg: DictConfig, heads: MedusaHeads, lm_head, features: dict, ckpt_dir: Path) -> list[dict]:
+    """Heads only, on cached features; resumes from the newest checkpoint in `ckpt_dir`."""
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum
+    )
+    size, n = cfg.train.batch_positions, len(features["labels"])
+    order = [torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + e)) for e in range(cfg.train.epochs)]
+    batches = [perm[i : i + size] for perm in order for i in range(0, n, size)]
+    optimizer, scheduler, steps = _optimizer(cfg, heads.parameters(), len(batches))
+    heads, optimizer, scheduler = accelerator.prepare(heads, optimizer, scheduler)
+    lm_head = lm_head.to(accelerator.device)
+
+    def step(index: int) -> tuple[torch.Tensor, list[float], int]:
+        hidden = features["hidden"][batches[index]].to(accelerator.device, torch.float32)
+        labels = features["labels"][batches[index]].to(accelerator.device)
+        loss, per_head = heads_loss(heads(hidden, lm_head), labels, cfg.train.head_decay)
+        return loss, per_head, len(labels)
+
+    return _loop(cfg, accelerator, heads, optimizer, scheduler, steps, step, ckpt_dir, "medusa-1")
+
+
+def train_medusa2(
+    cfg: DictConfig, heads: MedusaHeads, target, rows: list[dict], pad: int, ckpt_dir: Path
+) -> list[dict]:
+    """LoRA on the target and the heads, jointly: LM-head distillation + heads_weight * heads' loss."""
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum
+    )
+    batches = [b for e in range(cfg.train.epochs) for b in make_batches(rows, cfg.train.batch_size, cfg.seed + e)]
+    model = torch.nn.ModuleDict({"target": target, "heads": heads})
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler, steps = _optimizer(cfg, trainable, len(batches))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    def step(index: int) -> tuple[torch.Tensor, list[float], int]:
+        batch = batches[index]
+        input_ids, attention_mask, answer_mask = (t.to(accelerator.device) for t in collate(batch, pad))
+        out = model["target"](input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        labels = head_labels(batch, cfg.medusa.num_heads, pad).to(accelerator.device)  # [B, T, K]
+        keep = (labels != IGNORE).any(-1)
+        lm_head = model["target"].get_output_embeddings()
+        logits = model["heads"](out.hidden_states[-1][keep], lm_head)  # [K, M, V]
+        h_loss, per_head = heads_loss(logits, labels[keep], cfg.train.head_decay)
+        top_ids = torch.tensor([p for r in batch for p in r["topk_ids"]], device=accelerator.device)
+        top_p = torch.tensor([p for r in batch for p in r["topk_logprobs"]], device=accelerator.device).float().exp()
+        log_q = torch.log_softmax(out.logits[answer_mask].float(), dim=-1)
+        lm_loss = -((top_p / top_p.sum(-1, keepdim=True)) * log_q.gather(-1, top_ids)).sum(-1).mean()
+        return lm_loss + cfg.train.heads_weight * h_loss, [lm_loss.item(), *per_head], int(attention_mask.sum())
+
+    return _loop(cfg, accelerator, model, optimizer, scheduler, steps, step, ckpt_dir, "medusa-2")
+
+
+def _optimizer(cfg: DictConfig, params, batches: int):
+    steps = batches // cfg.train.grad_accum
+    steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+    optimizer = torch.optim.AdamW(list(params), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, steps), steps
+
+
+def _loop(cfg, accelerator, model, optimizer, scheduler, steps: int, step, ckpt_dir: Path, desc: str) -> list[dict]:
+    """The shared loop: `step(index) -> (loss, per-part losses, tokens)`; logs, checkpoints, resumes."""
+    total = steps * cfg.train.grad_accum
+    done, log = resume(accelerator, ckpt_dir)
+    progress = tqdm(total=total, initial=done, desc=desc, unit="batch")
+    tokens, tic = 0, time.perf_counter()
+    model.train()
+    for index in range(done, total):
+        with accelerator.accumulate(model):
+            loss, parts, count = step(index)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        tokens += count
+        progress.update(1)
+        if (index + 1) % cfg.train.log_every == 0 or index + 1 == total:
+            seconds = time.perf_counter() - tic
+            log.append({"batch": index + 1, "loss": loss.item(), "parts": parts, "tokens_per_s": tokens / seconds})
+            progress.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / seconds:.0f}")
+        if (index + 1) % cfg.train.checkpoint_every == 0 or index + 1 == total:
+            save_checkpoint(accelerator, ckpt_dir, index + 1, log)
+    progress.close()
+    model.eval()
+    return log
+
+
+# ---------------------------------------------------------------- main
+
+
+def load_rows(cfg: DictConfig, target, tokenizer) -> list[dict]:
+    cache = Path(cfg.data_cache)
+    rows = []
+    if cfg.data.self_distill:
+        rows += generate_answers(cfg, target, tokenizer, collect_prompts(cfg), cache / "answers")
+    rows += teacher_forced_rows(cfg, target, tokenizer, cache / "teacher_forced")
+    return rows
+
+
+def finish(cfg: DictConfig, heads: MedusaHeads, lm_head, heldout: dict, log: list[dict], extra: dict) -> dict:
+    """Held-out accuracies, the best tree shape for them, export and report."""
+    heads = heads.to(lm_head.weight.dtype)
+    accuracy = rank_accuracy(heads, lm_head, heldout, cfg.medusa.tree_topk)
+    choices = best_choices(accuracy, cfg.medusa.tree_budget)
+    heads.config = dataclasses.replace(heads.config, choices=[list(c) for c in choices])
+    out = heads.save_pretrained(cfg.output_dir)
+    metrics = {
+        "target": cfg.target,
+        "heads": {key: v for key, v in dataclasses.asdict(heads.config).items() if key != "base_fingerprint"},
+        "heldout_positions": len(heldout["labels"]),
+        "top1_accuracy": accuracy[:, 0].tolist(),
+        f"top{cfg.medusa.tree_topk}_accuracy": accuracy.cumsum(-1)[:, -1].tolist(),
+        "rank_accuracy": accuracy.tolist(),
+        "expected_accepted_length": 1 + _expected_accepted(accuracy, choices),
+        "train_tokens_per_s": log[-1]["tokens_per_s"] if log else None,
+        "final_loss": log[-1]["loss"] if log else None,
+        "command_overrides": list(HydraConfig.get().overrides.task),
+        **extra,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    overrides = " ".join(metrics["command_overrides"]) or "(no overrides)"
+    (out / "README.md").write_text(
+        f"# {out.name}\n\nMedusa heads for `{cfg.target}` trained by `training/train_medusa.py`.\n\n"
+        f"Reproduce: `.venv/bin/python -m training.train_medusa {overrides}`\n\n"
+        f"Measured at export: `metrics.json` (per-head accuracy on held-out self-generated answers, the tree "
+        f"shape chosen from it, training speed).\n"
+    )
+    return metrics
+
+
+def _expected_accepted(accuracy: torch.Tensor, choices: list[tuple[int, ...]]) -> float:
+    """Expected accepted draft tokens of the tree `choices` under independent rank accuracies."""
+    total = 0.0
+    for choice in choices:
+        p = 1.0
+        for depth, rank in enumerate(choice):
+            p *= float(accuracy[depth, rank])
+        total += p
+    return total
+
+
+@hydra.main(config_path="../conf", config_name="train_medusa", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    work = Path(cfg.work_dir)
+    torch.manual_seed(cfg.seed)
+    target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)
+    rows = load_rows(cfg, target, tokenizer)
+    pad = pad_id(tokenizer)
+    train_rows, heldout_rows = [r for r in rows if not r["heldout"]], [r for r in rows if r["heldout"]]
+    print(f"{len(train_rows)} training conversations, {len(heldout_rows)} held out")
+    k = cfg.medusa.num_heads
+    heads = MedusaHeads.for_model(target, k, cfg.medusa.num_layers, cfg.medusa.shared_lm_head, name=cfg.target)
+    heads = heads.float()
+    if not cfg.medusa.lora:  # Medusa-1: the frozen target runs once, to cache its hidden states
+        batch = cfg.data.feature_batch_size
+        heldout = cache_features(target, heldout_rows, k, pad, batch, work / "features_heldout")
+        features = cache_features(target, train_rows, k, pad, batch, work / "features")
+        print(f"{len(features['labels'])} training positions cached")
+        lm_head = frozen_copy(target.get_output_embeddings())
+        del target
+        log = train_medusa1(cfg, heads, lm_head, features, work / "checkpoints")
+        metrics = finish(cfg, heads, lm_head, heldout, log, {"train_positions": len(features["labels"])})
+    else:  # Medusa-2: LoRA on a trainable fp32 copy of the target, trained with the heads
+        del target
+        target, _ = load_model(cfg.target, dtype="fp32")
+        lora = LoraConfig(
+            r=cfg.medusa.lora_rank, lora_alpha=cfg.medusa.lora_alpha, target_modules=list(cfg.medusa.lora_targets)
+        )
+        peft_target = get_peft_model(plain_copy(target), lora)
+        heads.config = dataclasses.replace(heads.config, lora=True)
+        log = train_medusa2(cfg, heads, peft_target, train_rows, pad, work / "checkpoints-lora")
+        peft_target.save_pretrained(Path(cfg.output_dir) / ADAPTER_DIR)
+        merged = peft_target.merge_and_unload().eval()
+        batch = cfg.data.feature_batch_size
+        heldout = cache_features(merged, heldout_rows, k, pad, batch, work / "features_heldout_lora")
+        metrics = finish(cfg, heads, merged.get_output_embeddings(), heldout, log, {"medusa": 2})
+    (work / "train_log.json").write_text(json.dumps(log, indent=1))
+    print(json.dumps({key: v for key, v in metrics.items() if key not in ("command_overrides", "heads")}, indent=2))
+    print(f"heads written to {cfg.output_dir}")
+
+
+def plain_copy(model):
+    """A plain (trainable) model of the same class from `model`'s config and weights: transformers marks a
+    GGUF-loaded model as not trainable."""
+    plain = type(model)(model.config)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def frozen_copy(linear: torch.nn.Module) -> torch.nn.Linear:
+    """An fp32 copy of an LM head that takes no gradient (the heads' shared, frozen LM head)."""
+    weight = linear.weight.detach().float().clone()
+    copy = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    copy.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return copy
+
+
+if __name__ == "__main__":
+    main()
