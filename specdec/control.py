@@ -151,6 +151,11 @@ class Controller:
         seconds = (self.costs.draft_per_level or 0.0) * depth + a + b * (size if depth else 1)
         return tokens / max(seconds, 1e-9)
 
+    def plain_step_time(self) -> float | None:
+        """Seconds of one plain target step by the fitted cost model (None before any measurement)."""
+        a, b = self._line
+        return a + b if self.costs.samples else None
+
     def best_depth(self) -> int:
         return max(range(1, self.config.max_depth + 1), key=self.expected_rate)
 

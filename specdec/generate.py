@@ -217,7 +217,8 @@ class SpeculativeGenerator:
         while True:
             room = limits.max_length - len(limits.padding_ids) - len(tokens)  # new tokens still allowed
             plan = self.controller.plan() if self.controller else None
-            state = _state(tokens, room, plan, limits.sampling, generator, hidden if keep_hidden else None)
+            step_time = self.controller.plain_step_time() if self.controller else None
+            state = _state(tokens, room, plan, limits.sampling, generator, hidden if keep_hidden else None, step_time)
             tic = _now(self.target)
             tree = self.drafter.propose(state).truncate(state.max_depth)
             if int(tree.tokens[0]) != state.root:
@@ -297,13 +298,14 @@ def _state(
     sampling: Sampling | None,
     generator: torch.Generator | None,
     hidden: torch.Tensor | None,
+    step_time: float | None = None,
 ) -> DecodeState:
     """What the drafter may propose: at most `room - 1` deep (the bonus token takes the last slot)."""
     ids = torch.tensor([tokens])
     if plan is None:
         return DecodeState(ids, room - 1, sampling=sampling, generator=generator, hidden=hidden)
     depth = min(room - 1, plan.depth) if plan.speculate else 0
-    return DecodeState(ids, depth, plan.budget, plan.threshold, sampling, generator, hidden)
+    return DecodeState(ids, depth, plan.budget, plan.threshold, sampling, generator, hidden, step_time)
 
 
 def _resolve_config(

@@ -1,10 +1,13 @@
 """N-gram streaming source and Composite: index, ranking, and greedy equality with target.generate."""
 
+import time
+
 import pytest
 import torch
 from tiny import ARCHS, VOCAB, small_draft, tiny_model
 
 import specdec
+from specdec.acceptance import Acceptance
 from specdec.drafters import Composite, DecodeState, ModelDrafter, NGramDrafter
 from specdec.drafters.composite import follow, merge_trees
 from specdec.drafters.ngram import NGramIndex
@@ -87,3 +90,38 @@ def test_greedy_equals_target_generate(arch, make):
         assert torch.equal(out.sequences, expected)
         gained.append(out.spec_stats.mean_accepted_length)
     assert max(gained) > 1.0  # matches really happened and were accepted
+
+
+class StubSource(specdec.drafters.Drafter):
+    """Proposes a fixed continuation after spending `seconds`; counts its asks."""
+
+    def __init__(self, tokens: list[int], seconds: float = 0.0):
+        self.tokens, self.seconds, self.asks = tokens, seconds, 0
+
+    def propose(self, state):
+        self.asks += 1
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            pass
+        return TokenTree.chain(state.root, self.tokens[: state.max_depth])
+
+
+def test_composite_skips_a_source_that_does_not_pay_and_probes_it_again():
+    cheap, costly = StubSource([7, 8]), StubSource([9, 9], seconds=0.002)
+    composite = Composite([cheap, costly], skip_gain=100.0, warmup=4, probe_every=5)
+    state = DecodeState(tokens=torch.tensor([[1, 2]]), max_depth=3, step_time=0.001)
+    for _ in range(40):  # the cheap source's tokens are always accepted, the costly one's never
+        tree = composite.propose(state)
+        composite.commit(Acceptance(path=follow(tree, [7, 8]), tokens=[7, 8, 5]))
+    assert cheap.asks == 40
+    assert 4 + 35 // 6 <= costly.asks <= 4 + 36 // 6 + 1  # the warm-up, then one probe after every 5 skips
+    useful = StubSource([7, 8], seconds=0.001)  # not free, but it pays: 2 tokens x 1 ms saved per 1 ms spent
+    composite = Composite([StubSource([3]), useful], skip_gain=100.0, warmup=4, probe_every=5)
+    for _ in range(20):
+        tree = composite.propose(state)
+        composite.commit(Acceptance(path=follow(tree, [7, 8]), tokens=[7, 8, 5]))
+    assert useful.asks == 20
+    no_controller = Composite([cheap, costly], warmup=0)
+    before = costly.asks
+    no_controller.propose(DecodeState(tokens=torch.tensor([[1, 2]]), max_depth=3))  # no step_time: ask everyone
+    assert costly.asks == before + 1

@@ -63,21 +63,27 @@ def head_labels(batch: list[dict], num_heads: int, pad: int) -> torch.Tensor:
 @torch.inference_mode()
 def cache_features(target, rows: list[dict], num_heads: int, pad: int, batch_size: int, shard_dir: Path) -> dict:
     """The frozen target's final hidden state `[M, H]` and the heads' labels `[M, K]` at every position with at
-    least one label, in resumable safetensors shards (one per batch of conversations); returns them all."""
+    least one label, in resumable safetensors shards (one per batch of conversations); returns those of `rows`.
+
+    Raises:
+        ValueError: an existing shard holds other conversations (another config wrote `shard_dir`).
+    """
     shard_dir.mkdir(parents=True, exist_ok=True)
     batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    shards = []
     for index, batch in enumerate(tqdm(batches, desc=f"features ({shard_dir.name})", unit="batch")):
         shard = shard_dir / f"{index:05d}.safetensors"
-        if shard.exists():
-            continue
-        input_ids, attention_mask, _ = collate(batch, pad)
-        out = target(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         labels = head_labels(batch, num_heads, pad)  # [B, T, K]
         keep = (labels != IGNORE).any(-1)
-        tmp = shard.with_suffix(".tmp")
-        save_file({"hidden": out.hidden_states[-1][keep].bfloat16().contiguous(), "labels": labels[keep]}, tmp)
-        tmp.rename(shard)
-    shards = [load_file(p) for p in sorted(shard_dir.glob("*.safetensors"))]
+        if not shard.exists():
+            input_ids, attention_mask, _ = collate(batch, pad)
+            out = target(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            tmp = shard.with_suffix(".tmp")
+            save_file({"hidden": out.hidden_states[-1][keep].bfloat16().contiguous(), "labels": labels[keep]}, tmp)
+            tmp.rename(shard)
+        shards.append(load_file(shard))
+        if not torch.equal(shards[-1]["labels"], labels[keep]):
+            raise ValueError(f"{shard} was made from other conversations; delete {shard_dir} or change work_dir")
     return {key: torch.cat([s[key] for s in shards]) for key in ("hidden", "labels")}
 
 

@@ -30,6 +30,8 @@ class DecodeState:
         hidden: `[H]` the target's final hidden state at the token before the root (the state whose LM
             head predicted the root), for sources with `uses_hidden_states`; None otherwise or when the
             prompt had a single token.
+        step_time: seconds of one plain target step, as the controller measures it (None without one):
+            what an accepted draft token saves, for sources that weigh their own cost.
     """
 
     tokens: torch.Tensor  # [1, L]
@@ -39,6 +41,7 @@ class DecodeState:
     sampling: Sampling | None = None
     generator: torch.Generator | None = None
     hidden: torch.Tensor | None = None
+    step_time: float | None = None
 
     @property
     def min_score(self) -> float:

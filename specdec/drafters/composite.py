@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from specdec.acceptance import Acceptance
 from specdec.drafters.base import DecodeState, Drafter
@@ -31,6 +33,16 @@ def follow(tree: TokenTree, tokens: Sequence[int]) -> list[int]:
     return path
 
 
+@dataclass
+class _Ledger:
+    """What one source cost and brought, discounted so that old steps fade."""
+
+    asks: float = 0.0
+    accepted: float = 0.0  # draft tokens accepted from this source's tree
+    seconds: float = 0.0  # its drafting time
+    skipped: int = 0  # steps skipped in a row
+
+
 class Composite(Drafter):
     """Combine draft sources, cheapest first, e.g. `Composite([NGramDrafter(), ModelDrafter(draft)])`.
 
@@ -40,18 +52,36 @@ class Composite(Drafter):
     the trees of all sources are merged into one (shared prefixes merged, at most `tree_budget` nodes).
     When sampling, a source that draws its tokens at random ends the round: its tree is used alone.
 
+    Each source keeps its own account: once it has been asked `warmup` times, a source whose accepted
+    tokens save less time (at `state.step_time` per token, from the controller) than its drafting costs
+    is skipped, and asked again after `probe_every` skipped steps. So a draft model that does not pay
+    stops costing time while an n-gram source beside it keeps its hits.
+
     Args:
         drafters: the sources, cheapest first.
         skip_gain: expected accepted tokens that make a source's tree good enough alone.
         tree_budget: most draft nodes of a merged tree.
+        warmup: asks before a source's account is trusted.
+        probe_every: skipped steps after which a skipped source is asked again.
+        discount: per-ask decay of the accounts.
     """
 
-    def __init__(self, drafters: Sequence[Drafter], skip_gain: float = 2.0, tree_budget: int = 24):
+    def __init__(
+        self,
+        drafters: Sequence[Drafter],
+        skip_gain: float = 2.0,
+        tree_budget: int = 24,
+        warmup: int = 8,
+        probe_every: int = 16,
+        discount: float = 0.97,
+    ):
         if not drafters:
             raise ValueError("Composite needs at least one draft source")
         self.drafters = list(drafters)
         self.skip_gain, self.tree_budget = skip_gain, tree_budget
-        self._asked: list[tuple[Drafter, TokenTree]] = []
+        self.warmup, self.probe_every, self.discount = warmup, probe_every, discount
+        self.ledgers = [_Ledger() for _ in self.drafters]
+        self._asked: list[tuple[int, TokenTree]] = []
 
     @property
     def uses_hidden_states(self) -> bool:
@@ -63,16 +93,33 @@ class Composite(Drafter):
 
     def propose(self, state: DecodeState) -> TokenTree:
         self._asked = []
-        for drafter in self.drafters:
+        for index, drafter in enumerate(self.drafters):
+            if state.max_depth < 1 or not self._worth_asking(index, state.step_time):
+                continue
+            tic = time.perf_counter()
             tree = drafter.propose(state)
-            self._asked.append((drafter, tree))
+            ledger = self.ledgers[index]
+            ledger.asks = self.discount * ledger.asks + 1
+            ledger.seconds = self.discount * ledger.seconds + time.perf_counter() - tic
+            self._asked.append((index, tree))
             # a tree of random draws is used as drawn: choosing it by its tokens' values would bias them
             if tree.is_sampled or tree.expected_gain >= self.skip_gain:
                 return tree
         trees = [tree for _, tree in self._asked if len(tree) > 1]
         return merge_trees(trees, self.tree_budget) if trees else TokenTree.chain(state.root)
 
+    def _worth_asking(self, index: int, step_time: float | None) -> bool:
+        ledger = self.ledgers[index]
+        if step_time is None or ledger.asks < self.warmup or ledger.skipped >= self.probe_every:
+            ledger.skipped = 0
+            return True
+        if ledger.accepted * step_time >= ledger.seconds:
+            return True
+        ledger.skipped += 1
+        return False
+
     def commit(self, acceptance: Acceptance) -> None:
-        for drafter, tree in self._asked:  # only the sources asked this step, each in its own node indices
+        for index, tree in self._asked:  # only the sources asked this step, each in its own node indices
             path = follow(tree, acceptance.tokens[: acceptance.num_accepted])
-            drafter.commit(Acceptance(path=path, tokens=acceptance.tokens[: len(path)]))
+            self.ledgers[index].accepted = self.discount * self.ledgers[index].accepted + len(path) - 1
+            self.drafters[index].commit(Acceptance(path=path, tokens=acceptance.tokens[: len(path)]))
