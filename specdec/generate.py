@@ -19,7 +19,7 @@ from transformers.generation import GenerateDecoderOnlyOutput, MaxTimeCriteria, 
 from specdec import acceptance, kv, verify
 from specdec.control import Controller
 from specdec.drafters.base import DecodeState, Drafter
-from specdec.sampling import Sampling, default_generator
+from specdec.sampling import UNSUPPORTED_WARPERS, Sampling, default_generator
 
 # Generation options whose logits processing or search specdec does not reproduce, with their neutral value.
 _UNSUPPORTED_OPTIONS = {
@@ -232,12 +232,7 @@ class SpeculativeGenerator:
             stats.target_forwards += 1
             stats.tree_sizes.append(len(tree))
 
-            if limits.sampling is None:
-                accepted = acceptance.greedy(tree, logits)
-            elif self.typical is not None:  # lossy, asked for
-                accepted = acceptance.typical(tree, limits.sampling.probs(logits), self.typical, generator)
-            else:
-                accepted = acceptance.rejection_sample(tree, limits.sampling.probs(logits), generator)
+            accepted = self._accept(tree, logits, limits.sampling, generator)
             kv.keep_path(cache, len(tokens) - 1, accepted.path)
             if keep_hidden:  # the state after the last accepted node: its LM head gave the bonus token
                 hidden = out.hidden_states[-1][0, accepted.path[-1]]
@@ -268,6 +263,16 @@ class SpeculativeGenerator:
                 streamer.put(torch.tensor(emitted))
             if done:
                 return new_tokens, new_logits, stats
+
+    def _accept(
+        self, tree, logits: torch.Tensor, sampling: Sampling | None, generator: torch.Generator | None
+    ) -> acceptance.Acceptance:
+        """The acceptance rule: greedy match, exact rejection sampling, or (asked for, lossy) typical."""
+        if sampling is None:
+            return acceptance.greedy(tree, logits)
+        if self.typical is not None:
+            return acceptance.typical(tree, sampling.probs(logits), self.typical, generator)
+        return acceptance.rejection_sample(tree, sampling.probs(logits), generator)
 
     @staticmethod
     def _should_stop(tokens: list[int], scores: torch.Tensor, limits: _Limits) -> bool:
@@ -318,7 +323,8 @@ def _resolve_config(
     # then generate()'s own defaults (e.g. top_k=50 when sampling), exactly as target.generate() fills them in
     config.update(**target.generation_config._get_default_generation_params(), defaults_only=True)
     model_kwargs = config.update(**kwargs)
-    for name, neutral in _UNSUPPORTED_OPTIONS.items():
+    unsupported = {**_UNSUPPORTED_OPTIONS, **(UNSUPPORTED_WARPERS if config.do_sample else {})}
+    for name, neutral in unsupported.items():
         value = getattr(config, name, None)
         if value is not None and value != neutral:
             raise NotImplementedError(

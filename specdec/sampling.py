@@ -19,8 +19,8 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-# Sampling options whose warpers specdec does not apply, with their neutral values.
-_UNSUPPORTED_WARPERS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
+# Sampling options whose warpers specdec does not apply, with their neutral values (refused by generate()).
+UNSUPPORTED_WARPERS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 
 
 @dataclass(frozen=True)
@@ -43,20 +43,10 @@ class Sampling:
 
     @staticmethod
     def from_generation_config(config: GenerationConfig) -> Sampling | None:
-        """The sampling parameters of `config`, or None when it decodes greedily.
-
-        Raises:
-            NotImplementedError: for warpers specdec does not apply (typical_p, epsilon/eta cutoff, top_h).
-        """
+        """The sampling parameters of `config`, or None when it decodes greedily (the warpers in
+        `UNSUPPORTED_WARPERS` are ignored here: `generate()` refuses them)."""
         if not config.do_sample:
             return None
-        for name, neutral in _UNSUPPORTED_WARPERS.items():
-            value = getattr(config, name, None)
-            if value is not None and value != neutral:
-                raise NotImplementedError(
-                    f"sampling option {name}={value!r} is not supported by specdec; use temperature, top_k, "
-                    f"top_p or min_p, or target.generate() for this call"
-                )
         temperature = 1.0 if config.temperature is None else float(config.temperature)
         return Sampling(temperature, config.top_k or None, config.top_p, config.min_p)
 
