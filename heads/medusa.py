@@ -14,6 +14,7 @@ onto another model is an error.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,12 +58,16 @@ class MedusaConfig:
 
 
 def fingerprint(model: PreTrainedModel, rows: int = 8) -> list[float]:
-    """Norms of `rows` evenly spaced rows of the input and output embeddings: the same for a model in
-    any dtype, different for another model (even one of the same architecture)."""
+    """What identifies the base model in any dtype: norms of `rows` evenly spaced rows of the input and
+    output embeddings, norms of the middle and the last parameter tensors, and the parameter count.
+    (A draft that shares the target's embeddings still differs in the rest.)"""
     values = []
     for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
         index = torch.linspace(0, matrix.shape[0] - 1, rows).long().to(matrix.device)
         values += matrix.detach().index_select(0, index).float().norm(dim=-1).tolist()
+    params = [p for _, p in model.named_parameters()]
+    values += [float(params[len(params) // 2].detach().float().norm()), float(params[-1].detach().float().norm())]
+    values.append(float(sum(p.numel() for p in params)))
     return [round(v, 5) for v in values]
 
 
@@ -190,11 +195,11 @@ class MedusaHeads(nn.Module):
                 f"the heads in {directory} were trained with a LoRA adapter on the target (Medusa-2); load both "
                 f"with heads.medusa.load_medusa2(target, {str(directory)!r})"
             )
+        check_base(config, target)
         return cls._load(directory, config, target)
 
     @classmethod
     def _load(cls, directory: Path, config: MedusaConfig, target: PreTrainedModel) -> MedusaHeads:
-        check_base(config, target)
         heads = cls(config)
         heads.load_state_dict(load_file(directory / WEIGHTS_FILE))
         weight = target.get_output_embeddings().weight
@@ -204,10 +209,12 @@ class MedusaHeads(nn.Module):
 def load_medusa2(target: PreTrainedModel, directory: str | Path) -> tuple[PreTrainedModel, MedusaHeads]:
     """Medusa-2 heads and the target with their LoRA adapter merged in: a new model; `target` is untouched.
 
-    The fingerprint is checked against the base model before the adapter is applied.
+    The fingerprint is checked against the base model, before the adapter changes it; the heads returned
+    carry the adapted model's fingerprint, the model they now belong to.
     """
     directory = Path(directory)
     config = MedusaConfig(**json.loads((directory / CONFIG_FILE).read_text()))
     check_base(config, target)
-    adapted = PeftModel.from_pretrained(copy.deepcopy(target), directory / ADAPTER_DIR).merge_and_unload()
-    return adapted.eval(), MedusaHeads._load(directory, config, adapted)
+    adapted = PeftModel.from_pretrained(copy.deepcopy(target), directory / ADAPTER_DIR).merge_and_unload().eval()
+    config = dataclasses.replace(config, base_fingerprint=fingerprint(adapted))
+    return adapted, MedusaHeads._load(directory, config, adapted)

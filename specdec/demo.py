@@ -3,7 +3,11 @@
 Prints each answer, tokens/s of plain and speculative decoding, the mean accepted length, and whether
 the two outputs are identical; writes the same figures to a JSON file.
 
-Run: .venv/bin/python -m specdec.demo [--dtype fp32|bf16] [--max-new-tokens 128] [--out outputs/demo.json]
+Run: .venv/bin/python -m specdec.demo [--dtype fp32|bf16] [--drafter NAME] [--max-new-tokens 128]
+                                     [--out outputs/demo.json]
+
+Drafters: `draft` (the shipped distilled draft model), `ngram`, `medusa` (the shipped Medusa heads),
+`composite` (n-gram, then the draft model: the default).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from heads.medusa import BUILTIN_HEADS, MedusaHeads
 from specdec.chat import chat_input_ids, load_questions
-from specdec.drafters import ModelDrafter
+from specdec.drafters import Composite, Drafter, MedusaDrafter, ModelDrafter, NGramDrafter
 from specdec.generate import SpeculativeGenerator
 from specdec.models import ASSETS, BUILTIN_TARGET, DEFAULT_DRAFTS, load_model
 
@@ -27,10 +32,22 @@ def timed(fn):
     return result, time.perf_counter() - tic
 
 
-def run(target_name: str, dtype: str, max_new_tokens: int, prompts_path: Path) -> dict:
+DRAFTERS = ("composite", "draft", "ngram", "medusa")
+
+
+def build_drafter(name: str, target, target_name: str, dtype: str) -> Drafter:
+    """One of `DRAFTERS` for the built-in target."""
+    if name == "ngram":
+        return NGramDrafter()
+    if name == "medusa":
+        return MedusaDrafter(MedusaHeads.from_pretrained(BUILTIN_HEADS, target))
+    draft = ModelDrafter(load_model(DEFAULT_DRAFTS[target_name], dtype=dtype)[0])
+    return draft if name == "draft" else Composite([NGramDrafter(), draft])
+
+
+def run(target_name: str, dtype: str, max_new_tokens: int, prompts_path: Path, drafter: str = DRAFTERS[0]) -> dict:
     target, tokenizer = load_model(target_name, dtype=dtype)
-    draft, _ = load_model(DEFAULT_DRAFTS[target_name], dtype=dtype)
-    gen = SpeculativeGenerator(target, ModelDrafter(draft))
+    gen = SpeculativeGenerator(target, build_drafter(drafter, target, target_name, dtype))
     settings = dict(max_new_tokens=max_new_tokens, do_sample=False)
     warm = chat_input_ids(tokenizer, [{"role": "user", "content": "Hello!"}])
     target.generate(warm, max_new_tokens=8, do_sample=False)
@@ -57,16 +74,17 @@ def run(target_name: str, dtype: str, max_new_tokens: int, prompts_path: Path) -
             f"plain {result['plain_tokens_per_s']:.1f} tok/s | speculative {result['spec_tokens_per_s']:.1f} tok/s"
             f" | mean accepted length {result['mean_accepted_length']:.2f} | identical: {result['identical']}"
         )
-    return summarize(results, target_name, dtype, max_new_tokens)
+    return summarize(results, target_name, dtype, max_new_tokens, drafter)
 
 
-def summarize(results: list[dict], target_name: str, dtype: str, max_new_tokens: int) -> dict:
+def summarize(results: list[dict], target_name: str, dtype: str, max_new_tokens: int, drafter: str) -> dict:
     def mean(key: str) -> float:
         return sum(r[key] for r in results) / len(results)
 
     summary = {
         "target": target_name,
-        "draft": DEFAULT_DRAFTS[target_name],
+        "drafter": drafter,
+        "draft": DEFAULT_DRAFTS[target_name] if drafter in ("draft", "composite") else None,
         "dtype": dtype,
         "max_new_tokens": max_new_tokens,
         "prompts": len(results),
@@ -78,8 +96,8 @@ def summarize(results: list[dict], target_name: str, dtype: str, max_new_tokens:
         "results": results,
     }
     print(
-        f"\n== {len(results)} prompts, {dtype}: plain {summary['plain_tokens_per_s']:.1f} tok/s, speculative "
-        f"{summary['spec_tokens_per_s']:.1f} tok/s ({summary['speedup']:.2f}x), mean accepted length "
+        f"\n== {len(results)} prompts, {dtype}, drafter {drafter}: plain {summary['plain_tokens_per_s']:.1f} tok/s, "
+        f"speculative {summary['spec_tokens_per_s']:.1f} tok/s ({summary['speedup']:.2f}x), mean accepted length "
         f"{summary['mean_accepted_length']:.2f}, identical outputs {summary['identical']}/{len(results)}"
     )
     if dtype == "bf16" and summary["identical"] < len(results):
@@ -91,11 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=BUILTIN_TARGET, choices=sorted(DEFAULT_DRAFTS))
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32 is token-identical")
+    parser.add_argument("--drafter", default=DRAFTERS[0], choices=DRAFTERS)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=Path, default=ASSETS / "demo_prompts.jsonl")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo.json"))
     args = parser.parse_args(argv)
-    summary = run(args.target, args.dtype, args.max_new_tokens, args.prompts)
+    summary = run(args.target, args.dtype, args.max_new_tokens, args.prompts, args.drafter)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"written to {args.out}")
