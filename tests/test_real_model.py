@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import specdec
-from specdec.chat import chat_input_ids, load_questions
 from heads.medusa import BUILTIN_HEADS, MedusaHeads
+from specdec.chat import chat_input_ids, load_questions
 from specdec.drafters import MedusaDrafter, ModelDrafter
 from specdec.models import ASSETS, BUILTIN_DRAFT, BUILTIN_TARGET, load_model
 
