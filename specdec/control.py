@@ -156,6 +156,13 @@ class Controller:
         a, b = self._line
         return a + b if self.costs.samples else None
 
+    def pays(self, tree_size: int, expected_gain: float) -> bool:
+        """Whether verifying a tree of `tree_size` nodes (root included) instead of a plain step is expected to
+        gain time: the tokens it promises (`expected_gain`, scaled by the measured calibration) save more plain
+        steps than its extra nodes cost."""
+        a, b = self._line
+        return tree_size > 1 and expected_gain * self.calibration * (a + b) > b * (tree_size - 1)
+
     def best_depth(self) -> int:
         return max(range(1, self.config.max_depth + 1), key=self.expected_rate)
 
@@ -216,6 +223,8 @@ class Controller:
         cfg, ema = self.config, self.config.ema
         self.costs.add_verify(tree_size, verify_seconds)
         self._line = self.costs.verify_line()
+        if promised > 0:  # speculative and opportunistic steps alike: how far the trees' scores can be trusted
+            self.calibration = (1 - ema) * self.calibration + ema * min(accepted / promised, 4.0)
         if not plan.speculate:
             return
         self.costs.add_draft(tree_depth, draft_seconds)
@@ -228,8 +237,6 @@ class Controller:
                 self.trials[d] += 1
         if tree_depth > 0:
             self.width = (1 - ema) * self.width + ema * (tree_size - 1) / tree_depth
-        if promised > 0:
-            self.calibration = (1 - ema) * self.calibration + ema * min(accepted / promised, 4.0)
         self._curve = self._acceptance_curve()
         self._update_threshold()
         self._decide_fallback()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
@@ -219,8 +219,13 @@ class SpeculativeGenerator:
             plan = self.controller.plan() if self.controller else None
             step_time = self.controller.plain_step_time() if self.controller else None
             state = _state(tokens, room, plan, limits.sampling, generator, hidden if keep_hidden else None, step_time)
+            if plan is not None and not plan.speculate and self.drafter.free:  # opportunistic: free sources only
+                depth = min(room - 1, self.controller.config.max_depth)
+                state = replace(state, max_depth=depth, budget=None, free_only=True)
             tic = _now(self.target)
             tree = self.drafter.propose(state).truncate(state.max_depth)
+            if state.free_only and not self.controller.pays(len(tree), tree.expected_gain):
+                tree = tree.truncate(0)  # a fallback step: the free draft does not pay, take a plain step
             if int(tree.tokens[0]) != state.root:
                 raise RuntimeError(f"{type(self.drafter).__name__} proposed a tree not rooted at the last token")
             toc = _now(self.target)

@@ -88,3 +88,33 @@ def test_decisions_are_visible_and_output_stays_identical():
     stats = out.spec_stats
     assert len(stats.plans) == len(stats.accept_lengths) and len(stats.thresholds) == len(stats.plans)
     assert stats.fallback_steps > 0  # a random draft is hopeless: the controller decodes plainly most steps
+
+
+def test_pays_weighs_promised_tokens_against_extra_verify_cost():
+    c = Controller()
+    assert not c.pays(5, 3.0)  # nothing measured yet
+    for size, seconds in [(1, 0.040), (9, 0.048), (17, 0.056)] * 3:  # a = 40 ms, b = 1 ms per node
+        c.costs.add_verify(size, seconds)
+    c._line = c.costs.verify_line()
+    assert c.pays(9, 0.5)  # 0.5 tokens x ~41 ms saved > 8 nodes x ~1 ms
+    assert not c.pays(9, 0.1) and not c.pays(1, 5.0)
+
+
+def test_free_sources_still_draft_while_the_controller_falls_back():
+    """Opportunistic drafting: in fallback steps an n-gram hit is verified where it pays; output unchanged."""
+    target, draft = tiny_model("llama"), small_draft("llama")
+    gen = torch.Generator().manual_seed(0)
+    segment = torch.randint(3, VOCAB, (12,), generator=gen)
+    x = torch.cat([segment, segment, segment, segment[:4]]).unsqueeze(0)
+    expected = target.generate(x, max_new_tokens=40, do_sample=False, eos_token_id=None)
+    controller = Controller()
+    controller.plain_left = 10**6  # stuck in fallback: every step is planned plain
+    drafter = specdec.drafters.Composite([specdec.drafters.NGramDrafter(), ModelDrafter(draft)])
+    out = specdec.generate(
+        target, x, drafter=drafter, controller=controller, max_new_tokens=40, eos_token_id=None,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, expected)
+    stats = out.spec_stats
+    assert stats.fallback_steps == len(stats.plans)
+    assert stats.mean_accepted_length > 1.0 and max(stats.tree_sizes) > 1  # hits taken all the same

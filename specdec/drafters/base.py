@@ -32,6 +32,8 @@ class DecodeState:
             prompt had a single token.
         step_time: seconds of one plain target step, as the controller measures it (None without one):
             what an accepted draft token saves, for sources that weigh their own cost.
+        free_only: a fallback step: only sources with `free` drafting are asked, and the tree is
+            verified only if its expected gain pays for its extra verify cost.
     """
 
     tokens: torch.Tensor  # [1, L]
@@ -42,6 +44,7 @@ class DecodeState:
     generator: torch.Generator | None = None
     hidden: torch.Tensor | None = None
     step_time: float | None = None
+    free_only: bool = False
 
     @property
     def min_score(self) -> float:
@@ -59,9 +62,13 @@ class Drafter(ABC):
     Attributes:
         uses_hidden_states: the source reads `DecodeState.hidden` (the verifier then keeps the target's
             hidden states; no extra target forward is run for them).
+        free: drafting costs next to nothing (no model forward, e.g. n-gram lookup): the source is still
+            asked in the controller's fallback steps, and its tree verified where it pays (opportunistic
+            drafting), so falling back never loses a cheap hit.
     """
 
     uses_hidden_states: bool = False
+    free: bool = False
 
     def start(self, target: PreTrainedModel) -> None:
         """Called once before each generation: check compatibility with `target`, reset state.

@@ -87,6 +87,10 @@ class Composite(Drafter):
     def uses_hidden_states(self) -> bool:
         return any(drafter.uses_hidden_states for drafter in self.drafters)
 
+    @property
+    def free(self) -> bool:
+        return any(drafter.free for drafter in self.drafters)
+
     def start(self, target) -> None:
         for drafter in self.drafters:
             drafter.start(target)
@@ -94,6 +98,8 @@ class Composite(Drafter):
     def propose(self, state: DecodeState) -> TokenTree:
         self._asked = []
         for index, drafter in enumerate(self.drafters):
+            if state.free_only and not drafter.free:
+                continue
             if state.max_depth < 1 or not self._worth_asking(index, state.step_time):
                 continue
             tic = time.perf_counter()

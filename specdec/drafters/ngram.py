@@ -59,6 +59,8 @@ class NGramDrafter(Drafter):
     ignores them.
     """
 
+    free = True  # an index lookup: asked even in fallback steps
+
     def __init__(
         self,
         max_ngram: int = 4,
