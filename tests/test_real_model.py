@@ -31,30 +31,25 @@ def test_builtin_pair_shares_the_vocabulary(real_pair):
     assert target.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("index", [0, 2, 3])  # generic chat, alpaca instruction, gsm8k math
-def test_greedy_output_identical_to_target_generate(real_pair, index):
+def drafter_for(name: str, target, draft):
+    return ModelDrafter(draft) if name == "draft" else MedusaDrafter(MedusaHeads.from_pretrained(BUILTIN_HEADS, target))
+
+
+# generic chat, alpaca instruction, gsm8k math with the distilled draft; chat and math with the Medusa heads
+@pytest.mark.parametrize(("source", "index"), [("draft", 0), ("draft", 2), ("draft", 3), ("medusa", 0), ("medusa", 3)])
+def test_greedy_output_identical_to_target_generate(real_pair, source, index):
     target, draft, tokenizer = real_pair
     question = load_questions(ASSETS / "demo_prompts.jsonl")[index]
     ids = chat_input_ids(tokenizer, [{"role": "user", "content": question["turns"][0]}])
     expected = target.generate(ids, max_new_tokens=40, do_sample=False)
+    drafter = drafter_for(source, target, draft)
     out = specdec.generate(
-        target, ids, drafter=ModelDrafter(draft), controller=None, max_new_tokens=40, return_dict_in_generate=True
+        target, ids, drafter=drafter, controller=None, max_new_tokens=40, return_dict_in_generate=True
     )
     assert torch.equal(out.sequences, expected)
-    assert out.spec_stats.mean_accepted_length > 1.0  # the distilled draft gets some tokens accepted
+    assert out.spec_stats.mean_accepted_length > 1.0  # the draft source gets some tokens accepted
 
 
-@pytest.mark.parametrize("index", [0, 3])
-def test_shipped_medusa_heads_greedy_identical(real_pair, index):
-    target, draft, tokenizer = real_pair
-    heads = MedusaHeads.from_pretrained(BUILTIN_HEADS, target)
-    question = load_questions(ASSETS / "demo_prompts.jsonl")[index]
-    ids = chat_input_ids(tokenizer, [{"role": "user", "content": question["turns"][0]}])
-    expected = target.generate(ids, max_new_tokens=40, do_sample=False)
-    out = specdec.generate(
-        target, ids, drafter=MedusaDrafter(heads), controller=None, max_new_tokens=40, return_dict_in_generate=True
-    )
-    assert torch.equal(out.sequences, expected)
-    assert out.spec_stats.mean_accepted_length > 1.0
+def test_shipped_medusa_heads_refuse_another_model(real_pair):
     with pytest.raises(ValueError, match="fingerprint"):  # the draft shares the target's embeddings: still refused
-        MedusaHeads.from_pretrained(BUILTIN_HEADS, draft)
+        MedusaHeads.from_pretrained(BUILTIN_HEADS, real_pair[1])
