@@ -210,15 +210,15 @@ class SpeculativeGenerator:
         self.drafter.start(self.target)
 
         tic = _now(self.target)
-        cache, hidden = verify.prefill(self.target, prompt[:, :-1])
         keep_hidden = self.drafter.uses_hidden_states
+        cache, hidden = verify.prefill(self.target, prompt[:, :-1], output_hidden_states=keep_hidden)
         stats.prefill_time, stats.target_forwards = _now(self.target) - tic, int(prompt.shape[1] > 1)
 
         while True:
             room = limits.max_length - len(limits.padding_ids) - len(tokens)  # new tokens still allowed
             plan = self.controller.plan() if self.controller else None
             step_time = self.controller.plain_step_time() if self.controller else None
-            state = _state(tokens, room, plan, limits.sampling, generator, hidden if keep_hidden else None, step_time)
+            state = _state(tokens, room, plan, limits.sampling, generator, hidden, step_time)
             if plan is not None and not plan.speculate and self.drafter.free:  # opportunistic: free sources only
                 depth = min(room - 1, self.controller.config.max_depth)
                 state = replace(state, max_depth=depth, budget=None, free_only=True)

@@ -94,11 +94,18 @@ def forward_tree(
     )
 
 
-def prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor | None]:
-    """A new cache holding `input_ids` (`[1, L]`, may be empty), and the final hidden state `[H]` at the
-    last position (None when empty): what the LM head turns into the next token's logits."""
+def prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, output_hidden_states: bool = False
+) -> tuple[DynamicCache, torch.Tensor | None]:
+    """A new cache holding `input_ids` (`[1, L]`, may be empty), and, when asked for, the final hidden state
+    `[H]` at the last position (what the LM head turns into the next token's logits; None otherwise)."""
     cache = kv.new_cache(model)
     if input_ids.shape[-1] == 0:
         return cache, None
-    out = model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True, output_hidden_states=True)
-    return cache, out.hidden_states[-1][0, -1]
+    out = model(
+        input_ids=input_ids.to(model.device),
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=output_hidden_states,
+    )
+    return cache, out.hidden_states[-1][0, -1] if output_hidden_states else None

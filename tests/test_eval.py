@@ -5,9 +5,9 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny import tiny_model
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from eval.report import tokens_per_second
 from eval.run import run, select_questions
@@ -20,20 +20,10 @@ CHOICE_KEYS = {"index", "turns", "new_tokens", "wall_time", "accept_lengths", "d
 
 
 def save_tiny(path: Path, seed: int, layers: int) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(ASSETS / BUILTIN_DRAFT)  # the built-in target's tokenizer
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
+    """A tiny random Llama with the built-in target's tokenizer, saved like a local model directory."""
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / BUILTIN_DRAFT)
+    small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, pad_token_id=2)
+    tiny_model("llama", seed=seed, vocab_size=len(tokenizer), num_hidden_layers=layers, **small).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -205,7 +205,7 @@ def trained(tmp_path_factory):
 
 def test_head_labels_are_the_tokens_two_plus_k_ahead():
     row = {"prompt_ids": [5, 6, 7], "answer_ids": [8, 9, 10, 11]}
-    labels = train_medusa.head_labels([row], 2, pad=0)[0]  # [T, K]
+    labels = train_medusa.head_labels([row], 2)[0]  # [T, K]
     # position t: head 0 -> token t+2, head 1 -> t+3, only where that token is an answer token (index >= 3)
     assert labels[:, 0].tolist() == [-100, 8, 9, 10, 11, -100, -100]
     assert labels[:, 1].tolist() == [8, 9, 10, 11, -100, -100, -100]

@@ -47,11 +47,11 @@ IGNORE = -100
 # ---------------------------------------------------------------- labels and features
 
 
-def head_labels(batch: list[dict], num_heads: int, pad: int) -> torch.Tensor:
+def head_labels(batch: list[dict], num_heads: int) -> torch.Tensor:
     """`[B, T, K]` head k's label at position t: token `t + 2 + k` of the conversation where that is an answer
-    token, else IGNORE (positions are those of `collate(batch)`)."""
-    input_ids, _, _ = collate(batch, pad)
-    labels = torch.full((*input_ids.shape, num_heads), IGNORE, dtype=torch.long)
+    token, else IGNORE (positions are those of `collate(batch)`: T is the longest conversation)."""
+    width = max(len(r["prompt_ids"]) + len(r["answer_ids"]) for r in batch)
+    labels = torch.full((len(batch), width, num_heads), IGNORE, dtype=torch.long)
     for i, row in enumerate(batch):
         seq, start = row["prompt_ids"] + row["answer_ids"], len(row["prompt_ids"])
         for k in range(num_heads):
@@ -73,7 +73,7 @@ def cache_features(target, rows: list[dict], num_heads: int, pad: int, batch_siz
     shards = []
     for index, batch in enumerate(tqdm(batches, desc=f"features ({shard_dir.name})", unit="batch")):
         shard = shard_dir / f"{index:05d}.safetensors"
-        labels = head_labels(batch, num_heads, pad)  # [B, T, K]
+        labels = head_labels(batch, num_heads)  # [B, T, K]
         keep = (labels != IGNORE).any(-1)
         if not shard.exists():
             input_ids, attention_mask, _ = collate(batch, pad)
@@ -156,7 +156,7 @@ def train_medusa2(
         batch = batches[index]
         input_ids, attention_mask, answer_mask = (t.to(accelerator.device) for t in collate(batch, pad))
         out = model["target"](input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        labels = head_labels(batch, cfg.medusa.num_heads, pad).to(accelerator.device)  # [B, T, K]
+        labels = head_labels(batch, cfg.medusa.num_heads).to(accelerator.device)  # [B, T, K]
         keep = (labels != IGNORE).any(-1)
         lm_head = model["target"].get_output_embeddings()
         logits = model["heads"](out.hidden_states[-1][keep], lm_head)  # [K, M, V]

@@ -97,10 +97,10 @@ class Composite(Drafter):
 
     def propose(self, state: DecodeState) -> TokenTree:
         self._asked = []
+        if state.max_depth < 1:
+            return TokenTree.chain(state.root)
         for index, drafter in enumerate(self.drafters):
-            if state.free_only and not drafter.free:
-                continue
-            if state.max_depth < 1 or not self._worth_asking(index, state.step_time):
+            if (state.free_only and not drafter.free) or not self._worth_asking(index, state.step_time):
                 continue
             tic = time.perf_counter()
             tree = drafter.propose(state)
