@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from specdec.models import ASSETS
+from specdec.models import ASSETS, fingerprint, same_fingerprint
 
 CONFIG_FILE, WEIGHTS_FILE, ADAPTER_DIR = "medusa_config.json", "medusa_heads.safetensors", "lora_adapter"
 BUILTIN_HEADS = "smollm2-135m-instruct-medusa"
@@ -57,20 +57,6 @@ class MedusaConfig:
     choices: list[list[int]] | None = None
 
 
-def fingerprint(model: PreTrainedModel, rows: int = 8) -> list[float]:
-    """What identifies the base model in any dtype: norms of `rows` evenly spaced rows of the input and
-    output embeddings, norms of the middle and the last parameter tensors, and the parameter count.
-    (A draft that shares the target's embeddings still differs in the rest.)"""
-    values = []
-    for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-        index = torch.linspace(0, matrix.shape[0] - 1, rows).long().to(matrix.device)
-        values += matrix.detach().index_select(0, index).float().norm(dim=-1).tolist()
-    params = [p for _, p in model.named_parameters()]
-    values += [float(params[len(params) // 2].detach().float().norm()), float(params[-1].detach().float().norm())]
-    values.append(float(sum(p.numel() for p in params)))
-    return [round(v, 5) for v in values]
-
-
 def check_base(config: MedusaConfig, model: PreTrainedModel) -> None:
     """Raises ValueError unless `model` is the model the heads were trained for."""
     text = model.config.get_text_config()
@@ -81,8 +67,7 @@ def check_base(config: MedusaConfig, model: PreTrainedModel) -> None:
             f"vocabulary {config.vocab_size}), not for this model (hidden size {sizes[0]}, vocabulary "
             f"{sizes[1]}); train heads for it with training/train_medusa.py"
         )
-    expected, actual = torch.tensor(config.base_fingerprint), torch.tensor(fingerprint(model))
-    if expected.shape != actual.shape or not torch.allclose(expected, actual, rtol=2e-2, atol=1e-4):
+    if not same_fingerprint(config.base_fingerprint, fingerprint(model)):
         raise ValueError(
             f"these Medusa heads were trained for {config.base_model!r}, and this model's weights differ from "
             f"it (fingerprint mismatch); train heads for this model with training/train_medusa.py"

@@ -267,6 +267,7 @@ class SpeculativeGenerator:
             if streamer is not None:
                 streamer.put(torch.tensor(emitted))
             if done:
+                self.drafter.finish(new_tokens)
                 return new_tokens, new_logits, stats
 
     def _accept(

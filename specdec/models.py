@@ -86,3 +86,23 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     return model.eval(), tokenizer
+
+
+def fingerprint(model: PreTrainedModel, rows: int = 8) -> list[float]:
+    """What identifies the base model in any dtype: norms of `rows` evenly spaced rows of the input and
+    output embeddings, norms of the middle and the last parameter tensors, and the parameter count.
+    (A draft that shares the target's embeddings still differs in the rest.)"""
+    values = []
+    for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        index = torch.linspace(0, matrix.shape[0] - 1, rows).long().to(matrix.device)
+        values += matrix.detach().index_select(0, index).float().norm(dim=-1).tolist()
+    params = [p for _, p in model.named_parameters()]
+    values += [float(params[len(params) // 2].detach().float().norm()), float(params[-1].detach().float().norm())]
+    values.append(float(sum(p.numel() for p in params)))
+    return [round(v, 5) for v in values]
+
+
+def same_fingerprint(expected: list[float], actual: list[float]) -> bool:
+    """Whether two `fingerprint`s come from the same weights (tolerant to a dtype change)."""
+    expected_t, actual_t = torch.tensor(expected), torch.tensor(actual)
+    return expected_t.shape == actual_t.shape and torch.allclose(expected_t, actual_t, rtol=2e-2, atol=1e-4)

@@ -3,7 +3,8 @@
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.drafters.composite import Composite
 from specdec.drafters.medusa import MedusaDrafter
+from specdec.drafters.memory import NGramMemory
 from specdec.drafters.model import ModelDrafter
 from specdec.drafters.ngram import NGramDrafter
 
-__all__ = ["Composite", "DecodeState", "Drafter", "MedusaDrafter", "ModelDrafter", "NGramDrafter"]
+__all__ = ["Composite", "DecodeState", "Drafter", "MedusaDrafter", "ModelDrafter", "NGramDrafter", "NGramMemory"]

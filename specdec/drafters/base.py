@@ -83,3 +83,7 @@ class Drafter(ABC):
 
     def commit(self, acceptance: Acceptance) -> None:
         """Called after verification of the last proposed tree, so stateful sources roll forward."""
+
+    def finish(self, new_tokens: list[int]) -> None:
+        """Called after each generation with the tokens it produced (sources that learn across requests
+        keep them)."""

@@ -95,6 +95,10 @@ class Composite(Drafter):
         for drafter in self.drafters:
             drafter.start(target)
 
+    def finish(self, new_tokens: list[int]) -> None:
+        for drafter in self.drafters:
+            drafter.finish(new_tokens)
+
     def propose(self, state: DecodeState) -> TokenTree:
         self._asked = []
         if state.max_depth < 1:

@@ -5,6 +5,10 @@ No model and no training: the last `n` tokens are looked up in an index of every
 continuations are merged into one token tree (a trie), ranked by match length, then by how often their
 first token followed the n-gram, then by how recently. The index is updated incrementally as tokens are
 accepted, so a step costs the same whatever the context length.
+
+With a cross-request `NGramMemory` (earlier generations, optionally seeded with the target's own answers
+to other prompts) the tree's remaining branches are filled from it, and every finished generation is
+added to it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 from collections import Counter, defaultdict, deque
 
 from specdec.drafters.base import DecodeState, Drafter
+from specdec.drafters.memory import NGramMemory
 from specdec.tree import TokenTree
 
 
@@ -52,6 +57,10 @@ class NGramDrafter(Drafter):
         branches: most distinct continuations merged into the tree.
         tree_budget: most draft nodes (root not counted).
         recent: newest occurrences remembered per n-gram.
+        memory: a cross-request `NGramMemory`, or the name / directory of a saved one (e.g. the built-in
+            `"smollm2-135m-instruct-ngram"`); None: the current context only. Continuations from the
+            context come first; the memory fills the remaining branches.
+        remember: add each finished generation's new tokens to `memory`.
 
     Tree scores are log relative frequencies: for a node at depth k, the share of the matched n-gram's
     occurrences (plus one pseudo-occurrence) whose continuation starts with the node's path. They play
@@ -66,9 +75,11 @@ class NGramDrafter(Drafter):
         max_ngram: int = 4,
         min_ngram: int = 1,
         depth: int = 8,
-        branches: int = 3,
-        tree_budget: int = 16,
+        branches: int = 8,
+        tree_budget: int = 32,
         recent: int = 8,
+        memory: NGramMemory | str | None = None,
+        remember: bool = True,
     ):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
@@ -77,9 +88,17 @@ class NGramDrafter(Drafter):
         self.max_ngram, self.min_ngram, self.recent = max_ngram, min_ngram, recent
         self.depth, self.branches, self.tree_budget = depth, branches, tree_budget
         self.index = NGramIndex(min_ngram, max_ngram, recent)
+        self.memory = NGramMemory.from_pretrained(memory) if isinstance(memory, str) else memory
+        self.remember = remember
 
     def start(self, target) -> None:
+        if self.memory is not None:
+            self.memory.check(target)
         self.index = NGramIndex(self.min_ngram, self.max_ngram, self.recent)
+
+    def finish(self, new_tokens: list[int]) -> None:
+        if self.memory is not None and self.remember:
+            self.memory.add(new_tokens)
 
     def propose(self, state: DecodeState) -> TokenTree:
         self.index.extend(state.tokens[0, len(self.index.tokens) :].tolist())
@@ -97,20 +116,29 @@ class NGramDrafter(Drafter):
         return TokenTree.trie(state.root, sequences, scores, budget=budget)
 
     def candidates(self, depth: int) -> tuple[list[list[int]], list[list[float]]]:
-        """Up to `branches` distinct continuations, best first, with the log frequency of each prefix."""
+        """Up to `branches` distinct continuations, best first, with the log frequency of each prefix:
+        from the context, longest n-gram first, then from the memory."""
         chosen: list[list[int]] = []
         scores: list[list[float]] = []
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            found = self.index.continuations(n, depth)  # newest first
-            prefix_counts = Counter(tuple(c[:k]) for c in found for k in range(1, len(c) + 1))
-            # most frequent first token first; the sort is stable, so ties stay newest first
-            for cont in sorted(found, key=lambda c: -prefix_counts[tuple(c[:1])]):
-                if any(c[: len(cont)] == cont for c in chosen):
-                    continue  # nothing new: equal to, or a prefix of, a continuation already chosen
-                chosen.append(cont)
-                # +1: a pseudo-occurrence that continued otherwise, so a single match is not certainty
-                share = [prefix_counts[tuple(cont[:k])] / (len(found) + 1) for k in range(1, len(cont) + 1)]
-                scores.append([math.log(p) for p in share])
-                if len(chosen) == self.branches:
-                    return chosen, scores
+            if self._take(self.index.continuations(n, depth), chosen, scores):
+                return chosen, scores
+        if self.memory is not None:
+            self._take(self.memory.continuations(self.index.tokens, depth), chosen, scores)
         return chosen, scores
+
+    def _take(self, found: list[list[int]], chosen: list[list[int]], scores: list[list[float]]) -> bool:
+        """Add the continuations of one n-gram (`found`, newest first) that are new, most frequent first
+        token first; True once `branches` are chosen."""
+        prefix_counts = Counter(tuple(c[:k]) for c in found for k in range(1, len(c) + 1))
+        # the sort is stable, so ties stay newest first
+        for cont in sorted(found, key=lambda c: -prefix_counts[tuple(c[:1])]):
+            if any(c[: len(cont)] == cont for c in chosen):
+                continue  # nothing new: equal to, or a prefix of, a continuation already chosen
+            chosen.append(cont)
+            # +1: a pseudo-occurrence that continued otherwise, so a single match is not certainty
+            share = [prefix_counts[tuple(cont[:k])] / (len(found) + 1) for k in range(1, len(cont) + 1)]
+            scores.append([math.log(p) for p in share])
+            if len(chosen) == self.branches:
+                return True
+        return False

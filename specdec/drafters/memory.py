@@ -1,0 +1,184 @@
+"""Cross-request n-gram memory: what the target generated before, for the n-gram source to draft from.
+
+A model's answers repeat themselves across requests: the same phrasings, list formats, code boilerplate
+and arithmetic layouts. `NGramMemory` keeps earlier outputs (and, optionally, a corpus of the target's
+own answers built ahead of time, `training/build_ngram_memory.py`) and finds what followed an n-gram in
+them. `NGramDrafter(memory=...)` fills its tree with these continuations after the ones found in the
+current context, and adds each finished generation to the memory.
+
+The index is a sorted list of `(n-gram..., position)` entries, one per stored position: a lookup is two
+binary searches, adding a generation inserts its entries, and memory use stays a few dozen bytes per
+token. Like every draft source it only proposes; verification keeps the output exact.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+
+from specdec.models import ASSETS, fingerprint, same_fingerprint
+
+CONFIG_FILE, TOKENS_FILE = "ngram_memory.json", "ngram_memory.safetensors"
+BUILTIN_MEMORY = "smollm2-135m-instruct-ngram"
+_SEP = -1  # between stored sequences: no n-gram or continuation crosses it
+_TOP = sys.maxsize  # above every token id: (n-gram..., _TOP) bounds the entries starting with that n-gram
+
+
+class NGramMemory:
+    """Token sequences the target produced before, indexed for n-gram lookup across requests.
+
+    Args:
+        max_ngram, min_ngram: n-gram lengths looked up, longest first (the first that occurs wins).
+        occurrences: most occurrences read per lookup, evenly spread over all of them, so that the
+            counts of their continuations estimate how often each followed.
+        capacity: most tokens kept; beyond it the oldest sequences are forgotten.
+
+    Attributes:
+        base: the model the sequences came from (`{"model", "vocab_size", "fingerprint"}`), set by the
+            first `check` when not loaded with the memory; using the memory with another model is an error.
+    """
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2, occurrences: int = 64, capacity: int = 2_000_000):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if min(occurrences, capacity) < 1:
+            raise ValueError("occurrences and capacity must be >= 1")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.occurrences, self.capacity = occurrences, capacity
+        self.base: dict | None = None
+        self._tokens: list[int] = []  # sequences, each followed by _SEP; position p is _tokens[p - _offset]
+        self._offset = 0  # positions forgotten from the front
+        self._entries: list[tuple[int, ...]] = []  # sorted (t_p, ..., t_{p+max_ngram-1}, p), padded with _SEP
+
+    def __len__(self) -> int:
+        """Stored tokens (separators not counted)."""
+        return len(self._entries)
+
+    def add(self, sequence: list[int]) -> None:
+        """Remember one sequence (e.g. a generation's new tokens)."""
+        sequence = [int(t) for t in sequence]
+        if not sequence:
+            return
+        if min(sequence) < 0:
+            raise ValueError("token ids must be >= 0")
+        start = self._offset + len(self._tokens)
+        self._tokens += [*sequence, _SEP]
+        new = [self._entry(p) for p in range(start, start + len(sequence))]
+        if len(new) > len(self._entries) // 8:
+            self._entries = sorted(self._entries + new)
+        else:
+            for entry in new:
+                bisect.insort(self._entries, entry)
+        if len(self) > self.capacity:
+            self._forget()
+
+    def continuations(self, context: list[int], depth: int) -> list[list[int]]:
+        """What followed the longest n-gram ending `context` that occurs here (at most `depth` tokens each,
+        up to `occurrences` of them, newest first)."""
+        for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
+            ngram = tuple(context[-n:])
+            lo = bisect.bisect_left(self._entries, ngram)
+            hi = bisect.bisect_left(self._entries, (*ngram, _TOP), lo)
+            if lo == hi:
+                continue
+            stride = -(-(hi - lo) // self.occurrences)
+            found = []
+            for entry in sorted(self._entries[lo:hi:stride], key=lambda e: -e[-1]):
+                start = entry[-1] + n - self._offset
+                cont = self._tokens[start : start + depth]
+                if _SEP in cont:
+                    cont = cont[: cont.index(_SEP)]
+                if cont:
+                    found.append(cont)
+            if found:
+                return found
+        return []
+
+    # ---------------------------------------------------------------- the model it belongs to
+
+    def check(self, target: PreTrainedModel) -> None:
+        """Bind an unbound memory to `target`; refuse a memory made from another model's outputs.
+
+        Raises:
+            ValueError: another vocabulary size, or other weights (fingerprint mismatch).
+        """
+        vocab = target.get_output_embeddings().weight.shape[0]
+        if self.base is None:
+            self.base = {"model": target.config.name_or_path, "vocab_size": vocab, "fingerprint": fingerprint(target)}
+            return
+        name = self.base.get("model") or "another model"
+        if self.base["vocab_size"] != vocab:
+            raise ValueError(
+                f"this n-gram memory holds token ids of {name!r} (vocabulary {self.base['vocab_size']}), not of "
+                f"this model (vocabulary {vocab}); start an empty NGramMemory() or build one for this model "
+                f"with training/build_ngram_memory.py"
+            )
+        if not same_fingerprint(self.base["fingerprint"], fingerprint(target)):
+            raise ValueError(
+                f"this n-gram memory holds the outputs of {name!r}, and this model's weights differ from it "
+                f"(fingerprint mismatch); start an empty NGramMemory() or build one for this model with "
+                f"training/build_ngram_memory.py"
+            )
+
+    # ---------------------------------------------------------------- files
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """`ngram_memory.json` (settings, base model) + `ngram_memory.safetensors` (the sequences)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "max_ngram": self.max_ngram,
+            "min_ngram": self.min_ngram,
+            "occurrences": self.occurrences,
+            "capacity": self.capacity,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps({**settings, "base": self.base}, indent=2) + "\n")
+        save_file({"tokens": torch.tensor(self._tokens, dtype=torch.int32)}, directory / TOKENS_FILE)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path) -> NGramMemory:
+        """Load a saved memory: a directory, or the built-in `smollm2-135m-instruct-ngram` (the target's
+        own answers to training prompts, `training/build_ngram_memory.py`).
+
+        Raises:
+            FileNotFoundError: no memory there.
+        """
+        directory = ASSETS / BUILTIN_MEMORY if str(name_or_dir) == BUILTIN_MEMORY else Path(name_or_dir)
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(
+                f"no n-gram memory in {directory} (expected {CONFIG_FILE}); build one with "
+                f"training/build_ngram_memory.py or use the built-in {BUILTIN_MEMORY!r}"
+            )
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        base = config.pop("base")
+        memory = cls(**config)
+        memory.base = base
+        tokens = load_file(directory / TOKENS_FILE)["tokens"].tolist()
+        memory._tokens = tokens
+        memory._entries = sorted(memory._entry(p) for p, t in enumerate(tokens) if t != _SEP)
+        return memory
+
+    # ---------------------------------------------------------------- internals
+
+    def _entry(self, position: int) -> tuple[int, ...]:
+        i = position - self._offset
+        key = self._tokens[i : i + self.max_ngram]
+        return (*key, *[_SEP] * (self.max_ngram - len(key)), position)
+
+    def _forget(self) -> None:
+        """Drop the oldest sequences until at most `capacity` tokens are left."""
+        drop = len(self) - self.capacity  # tokens to forget, rounded up to whole sequences
+        cut = 0
+        while drop > 0:
+            end = self._tokens.index(_SEP, cut)
+            drop -= end - cut
+            cut = end + 1
+        self._offset += cut
+        self._tokens = self._tokens[cut:]
+        self._entries = [e for e in self._entries if e[-1] >= self._offset]
