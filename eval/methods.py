@@ -2,9 +2,11 @@
 
 - `baseline`: plain `target.generate` (the reference for speedup and identity), greedy, or sampling at
   `temperature` when that is > 0 (as every method then does).
-- `draft`, `draft_chain`: specdec with the draft model (tree / chain); `ngram`: specdec's n-gram source;
-  `medusa`: specdec with Medusa heads; `composite`: n-gram then draft model (`Composite`);
-  `medusa_ngram`: n-gram then Medusa heads.
+- `draft`, `draft_chain`: specdec with the draft model (tree / chain); `ngram`: specdec's n-gram source
+  (the current context only); `ngram_memory`: the n-gram source with the cross-request memory
+  `ngram_memory` (the target's own answers to training prompts, and every answer of this run as it
+  goes); `medusa`: specdec with Medusa heads; `composite`: n-gram (with the memory) then draft model
+  (`Composite`); `medusa_ngram`: n-gram (with the memory) then Medusa heads.
 - `hf_assisted`: Hugging Face assisted generation with the same draft (`assistant_model=`).
 - `hf_prompt_lookup`: Hugging Face prompt lookup decoding (`prompt_lookup_num_tokens=`).
 """
@@ -42,10 +44,16 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
         "draft": lambda: ModelDrafter(draft, **cfg.draft_settings),
         "draft_chain": lambda: ModelDrafter(draft, **{**cfg.draft_settings, "branching": 1}),
         "ngram": lambda: NGramDrafter(**cfg.ngram_settings),
-        "composite": lambda: Composite([NGramDrafter(**cfg.ngram_settings), ModelDrafter(draft, **cfg.draft_settings)]),
+        "ngram_memory": lambda: NGramDrafter(**cfg.ngram_settings, memory=cfg.ngram_memory),
+        "composite": lambda: Composite(
+            [NGramDrafter(**cfg.ngram_settings, memory=cfg.ngram_memory), ModelDrafter(draft, **cfg.draft_settings)]
+        ),
         "medusa": lambda: MedusaDrafter(MedusaHeads.from_pretrained(cfg.medusa_heads, target)),
         "medusa_ngram": lambda: Composite(
-            [NGramDrafter(**cfg.ngram_settings), MedusaDrafter(MedusaHeads.from_pretrained(cfg.medusa_heads, target))]
+            [
+                NGramDrafter(**cfg.ngram_settings, memory=cfg.ngram_memory),
+                MedusaDrafter(MedusaHeads.from_pretrained(cfg.medusa_heads, target)),
+            ]
         ),
     }
     settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False)

@@ -6,8 +6,9 @@ the two outputs are identical; writes the same figures to a JSON file.
 Run: .venv/bin/python -m specdec.demo [--dtype fp32|bf16] [--drafter NAME] [--max-new-tokens 128]
                                      [--out outputs/demo.json]
 
-Drafters: `draft` (the shipped distilled draft model), `ngram`, `medusa` (the shipped Medusa heads),
-`composite` (n-gram, then the draft model: the default).
+Drafters: `draft` (the shipped distilled draft model), `ngram` (the n-gram source with the shipped
+cross-request memory of the target's own answers), `medusa` (the shipped Medusa heads), `composite`
+(n-gram with the memory, then the draft model: the default).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from heads.medusa import BUILTIN_HEADS, MedusaHeads
 from specdec.chat import chat_input_ids, load_questions
 from specdec.drafters import Composite, Drafter, MedusaDrafter, ModelDrafter, NGramDrafter
+from specdec.drafters.memory import BUILTIN_MEMORY
 from specdec.generate import SpeculativeGenerator
 from specdec.models import ASSETS, BUILTIN_TARGET, DEFAULT_DRAFTS, load_model
 
@@ -38,11 +40,11 @@ DRAFTERS = ("composite", "draft", "ngram", "medusa")
 def build_drafter(name: str, target, target_name: str, dtype: str) -> Drafter:
     """One of `DRAFTERS` for the built-in target."""
     if name == "ngram":
-        return NGramDrafter()
+        return NGramDrafter(memory=BUILTIN_MEMORY)
     if name == "medusa":
         return MedusaDrafter(MedusaHeads.from_pretrained(BUILTIN_HEADS, target))
     draft = ModelDrafter(load_model(DEFAULT_DRAFTS[target_name], dtype=dtype)[0])
-    return draft if name == "draft" else Composite([NGramDrafter(), draft])
+    return draft if name == "draft" else Composite([NGramDrafter(memory=BUILTIN_MEMORY), draft])
 
 
 def run(target_name: str, dtype: str, max_new_tokens: int, prompts_path: Path, drafter: str = DRAFTERS[0]) -> dict:

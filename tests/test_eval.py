@@ -5,6 +5,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from tiny import tiny_model
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -12,6 +13,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from eval.report import tokens_per_second
 from eval.run import run, select_questions
 from heads.medusa import MedusaHeads
+from specdec.drafters import NGramMemory
 from specdec.models import ASSETS, BUILTIN_DRAFT
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -123,3 +125,16 @@ def test_sampling_run_reports_speed_and_acceptance_but_no_identity(setup):
     for record in lines(setup[3] / "sampled" / "answers" / "draft.jsonl"):
         choice = record["choices"][0]
         assert all(sum(a) == n for a, n in zip(choice["accept_lengths"], choice["new_tokens"], strict=True))
+
+
+def test_ngram_memory_method_stays_identical_and_refuses_another_models_memory(setup):
+    target = LlamaForCausalLM.from_pretrained(setup[0])
+    memory = NGramMemory()
+    memory.check(target)
+    memory.add(target.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20, do_sample=False)[0].tolist())
+    memory.save_pretrained(setup[3] / "memory")
+    extra = (f"out_dir={setup[3] / 'memory-run'}", f"ngram_memory={setup[3] / 'memory'}")
+    summary = run(config(setup, methods="[baseline,ngram_memory]", extra=extra))["methods"]
+    assert summary["ngram_memory"]["identical_share"] == 1.0 and summary["ngram_memory"]["questions"] == 3
+    with pytest.raises(ValueError, match="fingerprint"):  # the built-in memory holds the real target's outputs
+        run(config(setup, methods="[baseline,ngram_memory]", extra=(f"out_dir={setup[3] / 'builtin-memory'}",)))

@@ -1,5 +1,5 @@
-"""The built-in target with the shipped draft and Medusa heads: greedy output identical to target.generate
-(fp32)."""
+"""The built-in target with the shipped draft, Medusa heads and n-gram memory: greedy output identical to
+target.generate (fp32)."""
 
 import pytest
 import torch
@@ -7,7 +7,8 @@ import torch
 import specdec
 from heads.medusa import BUILTIN_HEADS, MedusaHeads
 from specdec.chat import chat_input_ids, load_questions
-from specdec.drafters import MedusaDrafter, ModelDrafter
+from specdec.drafters import MedusaDrafter, ModelDrafter, NGramDrafter, NGramMemory
+from specdec.drafters.memory import BUILTIN_MEMORY
 from specdec.models import ASSETS, BUILTIN_DRAFT, BUILTIN_TARGET, load_model
 
 pytestmark = pytest.mark.real_model
@@ -32,11 +33,17 @@ def test_builtin_pair_shares_the_vocabulary(real_pair):
 
 
 def drafter_for(name: str, target, draft):
+    if name == "ngram_memory":
+        return NGramDrafter(memory=BUILTIN_MEMORY, remember=False)
     return ModelDrafter(draft) if name == "draft" else MedusaDrafter(MedusaHeads.from_pretrained(BUILTIN_HEADS, target))
 
 
 # generic chat, alpaca instruction, gsm8k math with the distilled draft; chat and math with the Medusa heads
-@pytest.mark.parametrize(("source", "index"), [("draft", 0), ("draft", 2), ("draft", 3), ("medusa", 0), ("medusa", 3)])
+# and with the n-gram source drafting from the shipped memory of the target's answers to other prompts
+@pytest.mark.parametrize(
+    ("source", "index"),
+    [("draft", 0), ("draft", 2), ("draft", 3), ("medusa", 0), ("medusa", 3), ("ngram_memory", 0), ("ngram_memory", 3)],
+)
 def test_greedy_output_identical_to_target_generate(real_pair, source, index):
     target, draft, tokenizer = real_pair
     question = load_questions(ASSETS / "demo_prompts.jsonl")[index]
@@ -53,3 +60,10 @@ def test_greedy_output_identical_to_target_generate(real_pair, source, index):
 def test_shipped_medusa_heads_refuse_another_model(real_pair):
     with pytest.raises(ValueError, match="fingerprint"):  # the draft shares the target's embeddings: still refused
         MedusaHeads.from_pretrained(BUILTIN_HEADS, real_pair[1])
+
+
+def test_shipped_ngram_memory_refuses_another_model(real_pair):
+    memory = NGramMemory.from_pretrained(BUILTIN_MEMORY)
+    memory.check(real_pair[0])  # the target whose answers it holds
+    with pytest.raises(ValueError, match="fingerprint"):
+        memory.check(real_pair[1])
