@@ -37,14 +37,14 @@ class NGramMemory:
         max_ngram, min_ngram: n-gram lengths looked up, longest first (the first that occurs wins).
         occurrences: most occurrences read per lookup, evenly spread over all of them, so that the
             counts of their continuations estimate how often each followed.
-        capacity: most tokens kept; beyond it the oldest sequences are forgotten.
+        capacity: most tokens kept (~160 bytes each in RAM); beyond it the oldest sequences are forgotten.
 
     Attributes:
         base: the model the sequences came from (`{"model", "vocab_size", "fingerprint"}`), set by the
             first `check` when not loaded with the memory; using the memory with another model is an error.
     """
 
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 2, occurrences: int = 64, capacity: int = 2_000_000):
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2, occurrences: int = 64, capacity: int = 1_000_000):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if min(occurrences, capacity) < 1:
