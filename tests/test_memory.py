@@ -82,6 +82,7 @@ def test_save_and_load_round_trip(tmp_path):
     for context in ([4, 5], [5], [3, 4, 5], [9]):
         assert loaded.continuations(context, 3) == memory.continuations(context, 3)
     loaded.check(target)  # the model it came from
+    assert NGramDrafter(memory=tmp_path).memory.continuations([4, 5], 3) == [[7], [6]]  # a directory works too
     with pytest.raises(FileNotFoundError, match="build_ngram_memory"):
         NGramMemory.from_pretrained(str(tmp_path / "missing"))
 

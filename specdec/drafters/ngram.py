@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict, deque
+from pathlib import Path
 
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.drafters.memory import NGramMemory
@@ -78,7 +79,7 @@ class NGramDrafter(Drafter):
         branches: int = 8,
         tree_budget: int = 32,
         recent: int = 8,
-        memory: NGramMemory | str | None = None,
+        memory: NGramMemory | str | Path | None = None,
         remember: bool = True,
     ):
         if not 1 <= min_ngram <= max_ngram:
@@ -88,7 +89,7 @@ class NGramDrafter(Drafter):
         self.max_ngram, self.min_ngram, self.recent = max_ngram, min_ngram, recent
         self.depth, self.branches, self.tree_budget = depth, branches, tree_budget
         self.index = NGramIndex(min_ngram, max_ngram, recent)
-        self.memory = NGramMemory.from_pretrained(memory) if isinstance(memory, str) else memory
+        self.memory = NGramMemory.from_pretrained(memory) if isinstance(memory, (str, Path)) else memory
         self.remember = remember
 
     def start(self, target) -> None:
