@@ -2,8 +2,12 @@
 
 One controller serves every draft source. It keeps a small explicit model, updated after every step:
 
-- costs: verification time is linear in tree size, `verify(n) = a + b * n` (ridge least squares over
-  recent steps, pulled towards a flat prior while sizes barely vary); drafting costs `c` per draft level.
+- costs: verification time as a function of tree size: the measured time of recent trees of the same
+  size class (sizes within a factor of two: 1, 2-3, 4-7, ...), moved along the slope `b` of a line
+  `a + b * n` fitted to all recent steps (ridge least squares, pulled towards a flat prior while sizes
+  barely vary); the line alone for classes not measured yet. Matrix kernels are not linear in the number
+  of tokens (on CPUs, fp32 steps jump where a kernel changes), so a line alone misjudges the plain step
+  that every speculative step competes with. Drafting costs `c` per draft level.
 - value: `R[d]`, the measured probability that the accepted path reaches depth `d` when the tree did
   (per depth, discounted counts with a weak prior, so that a few unlucky steps do not end speculation);
   a step of depth `D` yields `E(D) = 1 + sum(R[1..D])` tokens.
@@ -62,17 +66,34 @@ class Plan:
 
 @dataclass
 class CostModel:
-    """`verify(n) = a + b * n` from measured (n, seconds) pairs, and the draft cost per level `c`."""
+    """Verify time per tree size from measured (n, seconds) pairs, and the draft cost per level `c`."""
 
     window: int
     ema: float
     samples: deque = field(default_factory=deque)
     draft_per_level: float | None = None
+    classes: dict[int, tuple[float, float]] = field(default_factory=dict)  # size class -> (mean size, seconds)
 
     def add_verify(self, size: int, seconds: float) -> None:
         self.samples.append((size, seconds))
         while len(self.samples) > self.window:
             self.samples.popleft()
+        key, old = size.bit_length(), self.classes.get(size.bit_length())
+        if old is None:
+            self.classes[key] = (float(size), seconds)
+        else:  # recent steps weigh more: the context, and with it attention's cost, grows
+            keep, new = 1 - self.ema, self.ema
+            self.classes[key] = (keep * old[0] + new * size, keep * old[1] + new * seconds)
+
+    def verify_time(self, size: int, line: tuple[float, float]) -> float:
+        """Expected seconds to verify a tree of `size` nodes: its size class's measured time, moved along the
+        line's slope to `size`; the line itself where the class was not measured."""
+        a, b = line
+        measured = self.classes.get(size.bit_length())
+        if measured is None:
+            return a + b * size
+        mean_size, seconds = measured
+        return max(seconds + b * (size - mean_size), 1e-9)
 
     def add_draft(self, levels: int, seconds: float) -> None:
         if levels > 0:
@@ -146,22 +167,23 @@ class Controller:
     def expected_rate(self, depth: int) -> float:
         """Expected tokens per second of a step drafting `depth` levels (depth 0: plain decoding)."""
         tokens = 1.0 + sum(self.acceptance_curve()[:depth])
-        size = 1 + math.ceil(depth * self.width)
-        a, b = self._line
-        seconds = (self.costs.draft_per_level or 0.0) * depth + a + b * (size if depth else 1)
+        size = 1 + min(math.ceil(depth * self.width), self._budget(depth)) if depth else 1
+        seconds = (self.costs.draft_per_level or 0.0) * depth + self.costs.verify_time(size, self._line)
         return tokens / max(seconds, 1e-9)
 
     def plain_step_time(self) -> float | None:
-        """Seconds of one plain target step by the fitted cost model (None before any measurement)."""
-        a, b = self._line
-        return a + b if self.costs.samples else None
+        """Seconds of one plain target step by the cost model (None before any measurement)."""
+        return self.costs.verify_time(1, self._line) if self.costs.samples else None
 
     def pays(self, tree_size: int, expected_gain: float) -> bool:
         """Whether verifying a tree of `tree_size` nodes (root included) instead of a plain step is expected to
         gain time: the tokens it promises (`expected_gain`, scaled by the measured calibration) save more plain
         steps than its extra nodes cost."""
-        a, b = self._line
-        return tree_size > 1 and expected_gain * self.calibration * (a + b) > b * (tree_size - 1)
+        if tree_size <= 1 or not self.costs.samples:
+            return False
+        plain = self.costs.verify_time(1, self._line)
+        extra = self.costs.verify_time(tree_size, self._line) - plain
+        return expected_gain * self.calibration * plain > extra
 
     def best_depth(self) -> int:
         return max(range(1, self.config.max_depth + 1), key=self.expected_rate)
@@ -173,7 +195,9 @@ class Controller:
         if self.plain_left > 0:
             self.plain_left -= 1
             return self._record(Plan(False, 0, 0, self.threshold))
-        if not self.costs.samples:  # nothing measured yet: the drafter's own settings, capped
+        if 1 not in self.costs.classes:  # a plain step first: what every speculative step competes with
+            return self._record(Plan(False, 0, 0, self.threshold))
+        if len(self.costs.classes) < 2:  # no tree measured yet: the drafter's own settings, capped
             return self._record(Plan(True, cfg.max_depth, cfg.max_budget, self.threshold))
         depth = self.best_depth()
         budget = self._budget(depth)
@@ -185,11 +209,12 @@ class Controller:
     def _budget(self, depth: int) -> int:
         """Widest tree whose extra verify cost stays under half the time its expected tokens save."""
         cfg = self.config
-        a, b = self._line
-        saved = sum(self.acceptance_curve()[:depth]) * (a + b)  # each accepted token saves about a plain step
-        if b <= 0:
-            return cfg.max_budget
-        return int(min(max(0.5 * saved / b, depth, cfg.min_budget), cfg.max_budget))
+        plain = self.costs.verify_time(1, self._line)
+        saved = sum(self.acceptance_curve()[:depth]) * plain  # each accepted token saves about a plain step
+        for budget in range(cfg.max_budget, cfg.min_budget, -1):
+            if self.costs.verify_time(1 + budget, self._line) - plain <= 0.5 * saved:
+                return budget
+        return cfg.min_budget
 
     def _update_threshold(self) -> None:
         """The path probability below which a node's expected value does not pay its marginal cost."""

@@ -38,8 +38,9 @@ def steep_verify(n: int) -> float:
 
 def test_grows_when_acceptance_is_high_and_verify_is_cheap():
     c = simulate(Controller(), 60, accept_rate=0.9, verify=cheap_verify, draft_per_level=0.002)
-    plan = c.plan()
-    assert plan.speculate and plan.depth >= 6 and plan.budget >= 16
+    recent = c.history[-4:]  # one in four plans halves the budget, to keep measuring the cost slope
+    assert all(p["speculate"] for p in recent) and min(p["depth"] for p in recent) >= 6
+    assert max(p["budget"] for p in recent) >= 16
 
 
 def test_shrinks_when_acceptance_is_low_or_verify_is_dear():
@@ -61,6 +62,23 @@ def test_falls_back_when_speculation_cannot_pay_and_probes_again_with_backoff():
     assert len(probes) >= 3  # it keeps probing ...
     gaps = [b - a for a, b in itertools.pairwise(probes)]
     assert gaps[-1] > gaps[0]  # ... less and less often (back-off)
+
+
+def jumpy_verify(n: int) -> float:
+    """fp32 on a CPU: 1-3 tokens cost about the same, from 4 on a slower matrix kernel takes over."""
+    return 0.037 if n == 1 else 0.040 if n <= 3 else 0.054 + 0.001 * n
+
+
+def test_cost_model_reads_measured_sizes_and_keeps_trees_in_the_cheap_size_class():
+    c = Controller()
+    assert not c.plan().speculate  # the first step is plain: its cost is what speculation competes with
+    c = simulate(c, 120, accept_rate=0.35, verify=jumpy_verify, draft_per_level=0.0)
+    assert abs(c.plain_step_time() - 0.037) < 1e-3
+    assert abs(c.costs.verify_time(3, c._line) - 0.040) < 2e-3 and c.costs.verify_time(5, c._line) > 0.055
+    # 1.35 tokens for 40 ms beat 1 for 37 ms; trees of 4+ nodes (>= 58 ms for < 1.6 tokens) do not
+    recent = [p for p in c.history[40:] if p["speculate"]]
+    assert len(recent) > 0.9 * len(c.history[40:])
+    assert all(p["budget"] <= 2 for p in recent)
 
 
 def test_recovers_when_the_draft_becomes_good():
