@@ -40,21 +40,21 @@ Method = Callable[[torch.Tensor], Result]
 
 def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
     """The configured methods, by name. Raises ValueError on an unknown name."""
+
+    def ngram_memory() -> NGramDrafter:
+        return NGramDrafter(**cfg.ngram_settings, memory=cfg.ngram_memory)
+
+    def medusa() -> MedusaDrafter:
+        return MedusaDrafter(MedusaHeads.from_pretrained(cfg.medusa_heads, target))
+
     drafters: dict[str, Callable[[], Drafter]] = {
         "draft": lambda: ModelDrafter(draft, **cfg.draft_settings),
         "draft_chain": lambda: ModelDrafter(draft, **{**cfg.draft_settings, "branching": 1}),
         "ngram": lambda: NGramDrafter(**cfg.ngram_settings),
-        "ngram_memory": lambda: NGramDrafter(**cfg.ngram_settings, memory=cfg.ngram_memory),
-        "composite": lambda: Composite(
-            [NGramDrafter(**cfg.ngram_settings, memory=cfg.ngram_memory), ModelDrafter(draft, **cfg.draft_settings)]
-        ),
-        "medusa": lambda: MedusaDrafter(MedusaHeads.from_pretrained(cfg.medusa_heads, target)),
-        "medusa_ngram": lambda: Composite(
-            [
-                NGramDrafter(**cfg.ngram_settings, memory=cfg.ngram_memory),
-                MedusaDrafter(MedusaHeads.from_pretrained(cfg.medusa_heads, target)),
-            ]
-        ),
+        "ngram_memory": ngram_memory,
+        "composite": lambda: Composite([ngram_memory(), ModelDrafter(draft, **cfg.draft_settings)]),
+        "medusa": medusa,
+        "medusa_ngram": lambda: Composite([ngram_memory(), medusa()]),
     }
     settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False)
     if cfg.temperature > 0:  # sampling: the same warping for every method; identity is then meaningless

@@ -179,9 +179,9 @@ class Controller:
         """Whether verifying a tree of `tree_size` nodes (root included) instead of a plain step is expected to
         gain time: the tokens it promises (`expected_gain`, scaled by the measured calibration) save more plain
         steps than its extra nodes cost."""
-        if tree_size <= 1 or not self.costs.samples:
+        plain = self.plain_step_time()
+        if tree_size <= 1 or plain is None:
             return False
-        plain = self.costs.verify_time(1, self._line)
         extra = self.costs.verify_time(tree_size, self._line) - plain
         return expected_gain * self.calibration * plain > extra
 

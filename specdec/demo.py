@@ -39,12 +39,12 @@ DRAFTERS = ("composite", "draft", "ngram", "medusa")
 
 def build_drafter(name: str, target, target_name: str, dtype: str) -> Drafter:
     """One of `DRAFTERS` for the built-in target."""
-    if name == "ngram":
-        return NGramDrafter(memory=BUILTIN_MEMORY)
     if name == "medusa":
         return MedusaDrafter(MedusaHeads.from_pretrained(BUILTIN_HEADS, target))
+    if name == "ngram":
+        return NGramDrafter(memory=BUILTIN_MEMORY)
     draft = ModelDrafter(load_model(DEFAULT_DRAFTS[target_name], dtype=dtype)[0])
-    return draft if name == "draft" else Composite([NGramDrafter(memory=BUILTIN_MEMORY), draft])
+    return draft if name == "draft" else Composite([build_drafter("ngram", target, target_name, dtype), draft])
 
 
 def run(target_name: str, dtype: str, max_new_tokens: int, prompts_path: Path, drafter: str = DRAFTERS[0]) -> dict:
