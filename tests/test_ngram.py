@@ -8,7 +8,7 @@ from tiny import ARCHS, VOCAB, small_draft, tiny_model
 
 import specdec
 from specdec.acceptance import Acceptance
-from specdec.drafters import Composite, DecodeState, ModelDrafter, NGramDrafter
+from specdec.drafters import Composite, DecodeState, ModelDrafter, NGramDrafter, NGramMemory
 from specdec.drafters.composite import follow, merge_trees
 from specdec.drafters.ngram import NGramIndex
 from specdec.tree import TokenTree
@@ -74,8 +74,10 @@ def repeating_prompt(seed: int) -> torch.Tensor:
         lambda t, d: Composite([NGramDrafter(), ModelDrafter(d, branching=1)]),
         lambda t, d: Composite([NGramDrafter(), ModelDrafter(d, depth=3, branching=2)], skip_gain=100.0),  # merge
         lambda t, d: Composite([NGramDrafter(), ModelDrafter(t, depth=4, branching=1)]),
+        # the demo's default shape: n-gram with a cross-request memory (learning from the first prompt), then a draft
+        lambda t, d: Composite([NGramDrafter(memory=NGramMemory(min_ngram=1)), ModelDrafter(d, depth=3, branching=2)]),
     ],
-    ids=["ngram-chain", "ngram-tree", "composite", "composite-merged", "composite-self"],
+    ids=["ngram-chain", "ngram-tree", "composite", "composite-merged", "composite-self", "composite-memory"],
 )
 def test_greedy_equals_target_generate(arch, make):
     target, draft = tiny_model(arch), small_draft(arch)
