@@ -52,6 +52,50 @@ def test_untrained_heads_start_as_the_base_lm_head():
             torch.testing.assert_close(logits[k], lm_head(hidden))
 
 
+def test_untrained_path_heads_start_as_the_base_lm_head_and_need_the_path():
+    target = tiny_model("llama")
+    hidden, path = torch.randn(5, 64), torch.randint(0, VOCAB, (5, 3))
+    lm_head, embed = target.get_output_embeddings(), target.get_input_embeddings()
+    heads = MedusaHeads.for_model(target, num_heads=3, path_inputs=True)
+    logits = heads(hidden, lm_head, path, embed)
+    for k in range(3):
+        torch.testing.assert_close(logits[k], lm_head(hidden))
+    with pytest.raises(ValueError, match="path="):
+        heads(hidden, lm_head)
+
+
+def test_path_heads_read_exactly_their_prefix_of_the_path():
+    target = tiny_model("llama")
+    heads = random_heads(target, num_heads=3, scale=0.5, path_inputs=True)
+    lm_head, embed = target.get_output_embeddings(), target.get_input_embeddings()
+    hidden, path = torch.randn(4, 64), torch.randint(0, VOCAB, (4, 3))
+    base = heads(hidden, lm_head, path, embed)
+    for k in range(3):
+        changed = path.clone()
+        changed[:, k] = (changed[:, k] + 1) % VOCAB  # head j reads tokens 0..j: heads before k must not move
+        moved = heads(hidden, lm_head, changed, embed)
+        for j in range(3):
+            assert torch.equal(moved[j], base[j]) == (j < k), (k, j)
+
+
+@pytest.mark.parametrize("path_inputs", [False, True])
+def test_a_draft_vocabulary_limits_the_candidates_and_is_saved(tmp_path, path_inputs):
+    target = tiny_model("llama")
+    heads = random_heads(target, scale=0.5, path_inputs=path_inputs)
+    vocab = torch.arange(VOCAB - 1, 2, -3)  # any order
+    heads.restrict_vocab(vocab)
+    drafter = MedusaDrafter(heads, TREE)
+    drafter.start(target)
+    tree = drafter.propose(DecodeState(PROMPT, max_depth=4, hidden=torch.randn(64)))
+    assert len(tree) == len(TREE) + 1 and set(tree.tokens[1:].tolist()) <= set(vocab.tolist())
+    heads.save_pretrained(tmp_path)
+    loaded = MedusaHeads.from_pretrained(tmp_path, target)
+    assert loaded.config.draft_vocab == len(vocab) and torch.equal(loaded.vocab, vocab)
+    for bad in ([], [1, 1], [VOCAB]):
+        with pytest.raises(ValueError, match="draft vocabulary"):
+            heads.restrict_vocab(torch.tensor(bad, dtype=torch.long))
+
+
 def test_shared_heads_store_no_lm_head_and_need_one():
     target = tiny_model("llama")
     shared = MedusaHeads.for_model(target, num_heads=4)
@@ -63,17 +107,17 @@ def test_shared_heads_store_no_lm_head_and_need_one():
         shared(torch.randn(2, 64))
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_save_load_round_trip(tmp_path, shared):
+@pytest.mark.parametrize(("shared", "path_inputs"), [(True, False), (False, False), (True, True)])
+def test_save_load_round_trip(tmp_path, shared, path_inputs):
     target = tiny_model("llama")
-    heads = random_heads(target, shared_lm_head=shared)
+    heads = random_heads(target, shared_lm_head=shared, path_inputs=path_inputs)
     heads.config = type(heads.config)(**{**heads.config.__dict__, "choices": [[0], [0, 0]]})
     heads.save_pretrained(tmp_path)
     loaded = MedusaHeads.from_pretrained(tmp_path, target)
     assert loaded.config == heads.config and loaded.choices == [(0,), (0, 0)]
-    hidden = torch.randn(3, 64)
-    lm_head = target.get_output_embeddings()
-    torch.testing.assert_close(loaded(hidden, lm_head), heads(hidden, lm_head))
+    hidden, path = torch.randn(3, 64), torch.randint(0, VOCAB, (3, 4))
+    lm_head, embed = target.get_output_embeddings(), target.get_input_embeddings()
+    torch.testing.assert_close(loaded(hidden, lm_head, path, embed), heads(hidden, lm_head, path, embed))
 
 
 def test_loading_onto_another_model_is_a_clear_error(tmp_path):
@@ -137,6 +181,28 @@ def test_drafter_trims_to_budget_and_threshold_keeping_ancestors():
     assert len(drafter.propose(DecodeState(PROMPT, max_depth=4, hidden=None))) == 1
 
 
+def test_path_heads_fill_each_node_with_the_top_candidates_for_its_own_path():
+    target = tiny_model("llama")
+    heads = random_heads(target, num_heads=3, scale=0.5, path_inputs=True)
+    drafter = MedusaDrafter(heads, choices=TREE[:8])
+    drafter.start(target)
+    hidden = torch.randn(64)
+    tree = drafter.propose(DecodeState(PROMPT, max_depth=4, hidden=hidden))
+    assert len(tree) == 9
+    torch.set_grad_enabled(False)  # test-local: restored below
+    lm_head, embed = target.get_output_embeddings(), target.get_input_embeddings()
+    for node in range(1, len(tree)):
+        parent = int(tree.parents[node])
+        path = [int(tree.tokens[i]) for i in tree.path_to(parent)]  # root .. parent
+        logits = heads.head_logits(len(path) - 1, hidden, lm_head, torch.tensor(path), embed)
+        logprobs = torch.log_softmax(logits.float(), -1)
+        rank = tree.children(parent).index(node)  # siblings in rank order
+        assert int(tree.tokens[node]) == int(logprobs.topk(rank + 1).indices[rank])
+        expected = float(tree.scores[parent]) + float(logprobs[tree.tokens[node]])
+        assert float(tree.scores[node]) == pytest.approx(expected, abs=1e-5)
+    torch.set_grad_enabled(True)
+
+
 # ---------------------------------------------------------------- exactness
 
 
@@ -144,6 +210,18 @@ def test_drafter_trims_to_budget_and_threshold_keeping_ancestors():
 def test_random_heads_greedy_equality(arch, shape):
     target = tiny_model(arch)
     drafter = MedusaDrafter(random_heads(target), choices=None if shape == "chain" else TREE)
+    tokens, expected, stats = greedy(target, drafter)
+    assert tokens == expected
+    assert max(stats.tree_sizes) == (5 if shape == "chain" else len(TREE) + 1)
+
+
+@pytest.mark.parametrize(("arch", "shape"), [(a, s) for a in ARCHS for s in ("chain", "tree", "tree, small vocab")])
+def test_random_path_heads_greedy_equality(arch, shape):
+    target = tiny_model(arch)
+    heads = random_heads(target, scale=0.5, path_inputs=True)
+    if shape == "tree, small vocab":
+        heads.restrict_vocab(torch.arange(3, VOCAB, 2))
+    drafter = MedusaDrafter(heads, choices=None if shape == "chain" else TREE)
     tokens, expected, stats = greedy(target, drafter)
     assert tokens == expected
     assert max(stats.tree_sizes) == (5 if shape == "chain" else len(TREE) + 1)
@@ -198,9 +276,16 @@ def trained(tmp_path_factory):
     heldout = train_medusa.cache_features(target, heldout_rows, 3, 0, 8, tmp_path / "heldout")
     heads = MedusaHeads.for_model(target, num_heads=3)
     lm_head = train_medusa.frozen_copy(target.get_output_embeddings())
-    before = train_medusa.rank_accuracy(heads, lm_head, heldout, 4)
-    log = train_medusa.train_medusa1(tiny_cfg(tmp_path), heads, lm_head, features, tmp_path / "ckpt")
-    return target, heads, before, train_medusa.rank_accuracy(heads, lm_head, heldout, 4), log, features
+    embed = train_medusa.frozen_copy(target.get_input_embeddings())
+    before = train_medusa.rank_accuracy(heads, lm_head, embed, heldout, 4)
+    log = train_medusa.train_medusa1(tiny_cfg(tmp_path), heads, lm_head, embed, features, tmp_path / "ckpt")
+    return target, heads, before, train_medusa.rank_accuracy(heads, lm_head, embed, heldout, 4), log, features
+
+
+def test_draft_vocab_is_the_most_frequent_answer_tokens():
+    rows = [{"answer_ids": [5, 5, 7, 9]}, {"answer_ids": [7, 5, 2]}]
+    assert train_medusa.draft_vocab(rows, 2).tolist() == [5, 7]
+    assert sorted(train_medusa.draft_vocab(rows, 10).tolist()) == [2, 5, 7, 9]  # only tokens that occur
 
 
 def test_head_labels_are_the_tokens_two_plus_k_ahead():
@@ -209,6 +294,10 @@ def test_head_labels_are_the_tokens_two_plus_k_ahead():
     # position t: head 0 -> token t+2, head 1 -> t+3, only where that token is an answer token (index >= 3)
     assert labels[:, 0].tolist() == [-100, 8, 9, 10, 11, -100, -100]
     assert labels[:, 1].tolist() == [8, 9, 10, 11, -100, -100, -100]
+    short = {"prompt_ids": [5], "answer_ids": [8]}
+    paths = train_medusa.head_paths([row, short], 2, pad=0)  # [B, T, K]: tokens t+1, t+2
+    assert paths[0].tolist() == [[6, 7], [7, 8], [8, 9], [9, 10], [10, 11], [11, 0], [0, 0]]
+    assert paths[1, :2].tolist() == [[8, 0], [0, 0]]
 
 
 def test_training_lowers_the_loss_and_raises_held_out_accuracy(trained):
@@ -230,10 +319,28 @@ def test_trained_heads_greedy_equality_and_acceptance(trained, tmp_path):
     assert stats.mean_accepted_length > untrained.mean_accepted_length
 
 
+def test_training_path_heads_raises_accuracy_and_stays_exact(trained, tmp_path):
+    target, _, before, _, _, features = trained  # before: untrained heads (= the base LM head), path ones too
+    heldout = train_medusa.cache_features(target, self_distilled_rows(target, 6, seed=1), 3, 0, 8, tmp_path / "h")
+    heads = MedusaHeads.for_model(target, num_heads=3, path_inputs=True)
+    lm_head = train_medusa.frozen_copy(target.get_output_embeddings())
+    embed = train_medusa.frozen_copy(target.get_input_embeddings())
+    train_medusa.train_medusa1(tiny_cfg(tmp_path), heads, lm_head, embed, features, tmp_path / "ckpt")
+    accuracy = train_medusa.rank_accuracy(heads, lm_head, embed, heldout, 4)
+    assert accuracy[0, 0] > before[0, 0] + 0.2 and accuracy[:, 0].mean() > before[:, 0].mean() + 0.1, accuracy
+    choices = best_choices(accuracy, 10)
+    tokens, expected, stats = greedy(target, MedusaDrafter(heads, choices))
+    assert tokens == expected
+    untrained = MedusaHeads.for_model(target, num_heads=3, path_inputs=True)
+    _, _, untrained_stats = greedy(target, MedusaDrafter(untrained, choices))
+    assert stats.mean_accepted_length > untrained_stats.mean_accepted_length
+
+
 def test_training_resumes_from_a_checkpoint(tmp_path, monkeypatch):
     target = tiny_model("llama")
     features = train_medusa.cache_features(target, self_distilled_rows(target, 8, 0), 3, 0, 8, tmp_path / "f")
     lm_head = train_medusa.frozen_copy(target.get_output_embeddings())
+    embed = train_medusa.frozen_copy(target.get_input_embeddings())
     cfg = tiny_cfg(tmp_path, epochs=2, checkpoint_every=3)
     save = train_medusa.save_checkpoint
 
@@ -243,12 +350,13 @@ def test_training_resumes_from_a_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_medusa, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train_medusa.train_medusa1(cfg, MedusaHeads.for_model(target, num_heads=3), lm_head, features, tmp_path / "c")
+        heads = MedusaHeads.for_model(target, num_heads=3)
+        train_medusa.train_medusa1(cfg, heads, lm_head, embed, features, tmp_path / "c")
     monkeypatch.setattr(train_medusa, "save_checkpoint", save)
     resumed = MedusaHeads.for_model(target, num_heads=3)
-    log = train_medusa.train_medusa1(cfg, resumed, lm_head, features, tmp_path / "c")
+    log = train_medusa.train_medusa1(cfg, resumed, lm_head, embed, features, tmp_path / "c")
     straight = MedusaHeads.for_model(target, num_heads=3)
-    train_medusa.train_medusa1(cfg, straight, lm_head, features, tmp_path / "s")
+    train_medusa.train_medusa1(cfg, straight, lm_head, embed, features, tmp_path / "s")
     assert log[-1]["batch"] > 3
     for a, b in zip(resumed.state_dict().values(), straight.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)

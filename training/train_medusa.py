@@ -60,10 +60,22 @@ def head_labels(batch: list[dict], num_heads: int) -> torch.Tensor:
     return labels
 
 
+def head_paths(batch: list[dict], num_heads: int, pad: int) -> torch.Tensor:
+    """`[B, T, K]` tokens `t + 1 .. t + K` of the conversation at position t (`pad` past its end): what
+    path-conditioned heads read (head k the first k + 1)."""
+    width = max(len(r["prompt_ids"]) + len(r["answer_ids"]) for r in batch)
+    paths = torch.full((len(batch), width + num_heads + 1), pad, dtype=torch.long)
+    for i, row in enumerate(batch):
+        seq = row["prompt_ids"] + row["answer_ids"]
+        paths[i, : len(seq)] = torch.tensor(seq)
+    return paths.unfold(1, num_heads, 1)[:, 1 : width + 1]
+
+
 @torch.inference_mode()
 def cache_features(target, rows: list[dict], num_heads: int, pad: int, batch_size: int, shard_dir: Path) -> dict:
-    """The frozen target's final hidden state `[M, H]` and the heads' labels `[M, K]` at every position with at
-    least one label, in resumable safetensors shards (one per batch of conversations); returns those of `rows`.
+    """The frozen target's final hidden state `[M, H]`, the heads' labels `[M, K]` and the paths `[M, K]` at
+    every position with at least one label, in resumable safetensors shards (one per batch of conversations);
+    returns those of `rows`. Shards from before paths were cached are made again.
 
     Raises:
         ValueError: an existing shard holds other conversations (another config wrote `shard_dir`).
@@ -75,16 +87,18 @@ def cache_features(target, rows: list[dict], num_heads: int, pad: int, batch_siz
         shard = shard_dir / f"{index:05d}.safetensors"
         labels = head_labels(batch, num_heads)  # [B, T, K]
         keep = (labels != IGNORE).any(-1)
-        if not shard.exists():
+        if not shard.exists() or "paths" not in load_file(shard):
             input_ids, attention_mask, _ = collate(batch, pad)
             out = target(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
             tmp = shard.with_suffix(".tmp")
-            save_file({"hidden": out.hidden_states[-1][keep].bfloat16().contiguous(), "labels": labels[keep]}, tmp)
+            hidden = out.hidden_states[-1][keep].bfloat16().contiguous()
+            paths = head_paths(batch, num_heads, pad)[keep].contiguous()
+            save_file({"hidden": hidden, "labels": labels[keep], "paths": paths}, tmp)
             tmp.rename(shard)
         shards.append(load_file(shard))
         if not torch.equal(shards[-1]["labels"], labels[keep]):
             raise ValueError(f"{shard} was made from other conversations; delete {shard_dir} or change work_dir")
-    return {key: torch.cat([s[key] for s in shards]) for key in ("hidden", "labels")}
+    return {key: torch.cat([s[key] for s in shards]) for key in ("hidden", "labels", "paths")}
 
 
 # ---------------------------------------------------------------- losses and accuracy
@@ -101,14 +115,20 @@ def heads_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tupl
 
 
 @torch.inference_mode()
-def rank_accuracy(heads: MedusaHeads, lm_head, features: dict, topk: int, batch: int = 512) -> torch.Tensor:
-    """`[K, topk]` share of held-out positions where head k's rank-r candidate is the right token."""
+def rank_accuracy(heads: MedusaHeads, lm_head, embed, features: dict, topk: int, batch: int = 512) -> torch.Tensor:
+    """`[K, topk]` share of held-out positions where head k's rank-r candidate is the right token (for
+    path-conditioned heads: given the right path; candidates only from the heads' draft vocabulary)."""
     hits = torch.zeros(heads.config.num_heads, topk)
     counts = torch.zeros(heads.config.num_heads, 1)
     for i in range(0, len(features["labels"]), batch):
         hidden = features["hidden"][i : i + batch].to(lm_head.weight.dtype)
         labels = features["labels"][i : i + batch].T  # [K, M]
-        top = heads(hidden, lm_head).topk(topk, dim=-1).indices  # [K, M, topk]
+        logits = heads(hidden, lm_head, features["paths"][i : i + batch], embed)  # [K, M, V]
+        if heads.config.draft_vocab:
+            outside = torch.ones(logits.shape[-1], dtype=torch.bool)
+            outside[heads.vocab] = False
+            logits[..., outside] = float("-inf")
+        top = logits.topk(topk, dim=-1).indices  # [K, M, topk]
         valid = labels != IGNORE
         hits += ((top == labels.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(1).float()
         counts += valid.sum(1, keepdim=True).float()
@@ -118,7 +138,7 @@ def rank_accuracy(heads: MedusaHeads, lm_head, features: dict, topk: int, batch:
 # ---------------------------------------------------------------- training
 
 
-def train_medusa1(cfg: DictConfig, heads: MedusaHeads, lm_head, features: dict, ckpt_dir: Path) -> list[dict]:
+def train_medusa1(cfg: DictConfig, heads: MedusaHeads, lm_head, embed, features: dict, ckpt_dir: Path) -> list[dict]:
     """Heads only, on cached features; resumes from the newest checkpoint in `ckpt_dir`."""
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum
@@ -128,12 +148,13 @@ def train_medusa1(cfg: DictConfig, heads: MedusaHeads, lm_head, features: dict, 
     batches = [perm[i : i + size] for perm in order for i in range(0, n, size)]
     optimizer, scheduler, steps = _optimizer(cfg, heads.parameters(), len(batches))
     heads, optimizer, scheduler = accelerator.prepare(heads, optimizer, scheduler)
-    lm_head = lm_head.to(accelerator.device)
+    lm_head, embed = lm_head.to(accelerator.device), embed.to(accelerator.device)
 
     def step(index: int) -> tuple[torch.Tensor, list[float], int]:
         hidden = features["hidden"][batches[index]].to(accelerator.device, torch.float32)
         labels = features["labels"][batches[index]].to(accelerator.device)
-        loss, per_head = heads_loss(heads(hidden, lm_head), labels, cfg.train.head_decay)
+        paths = features["paths"][batches[index]].to(accelerator.device)
+        loss, per_head = heads_loss(heads(hidden, lm_head, paths, embed), labels, cfg.train.head_decay)
         return loss, per_head, len(labels)
 
     return _loop(cfg, accelerator, heads, optimizer, scheduler, steps, step, ckpt_dir, "medusa-1")
@@ -158,8 +179,9 @@ def train_medusa2(
         out = model["target"](input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         labels = head_labels(batch, cfg.medusa.num_heads).to(accelerator.device)  # [B, T, K]
         keep = (labels != IGNORE).any(-1)
-        lm_head = model["target"].get_output_embeddings()
-        logits = model["heads"](out.hidden_states[-1][keep], lm_head)  # [K, M, V]
+        lm_head, embed = model["target"].get_output_embeddings(), model["target"].get_input_embeddings()
+        paths = head_paths(batch, cfg.medusa.num_heads, pad).to(accelerator.device)[keep]
+        logits = model["heads"](out.hidden_states[-1][keep], lm_head, paths, embed)  # [K, M, V]
         h_loss, per_head = heads_loss(logits, labels[keep], cfg.train.head_decay)
         top_ids = torch.tensor([p for r in batch for p in r["topk_ids"]], device=accelerator.device)
         top_p = torch.tensor([p for r in batch for p in r["topk_logprobs"]], device=accelerator.device).float().exp()
@@ -216,10 +238,25 @@ def load_rows(cfg: DictConfig, target, tokenizer) -> list[dict]:
     return rows
 
 
-def finish(cfg: DictConfig, heads: MedusaHeads, lm_head, heldout: dict, log: list[dict], extra: dict) -> dict:
-    """Held-out accuracies, the best tree shape for them, export and report."""
+def draft_vocab(rows: list[dict], size: int) -> torch.Tensor:
+    """The `size` most frequent answer tokens of `rows` (fewer if fewer occur), most frequent first."""
+    counts = torch.bincount(torch.tensor([t for r in rows for t in r["answer_ids"]], dtype=torch.long))
+    order = counts.argsort(descending=True, stable=True)
+    return order[: min(size, int((counts > 0).sum()))]
+
+
+def finish(
+    cfg: DictConfig, heads: MedusaHeads, target, heldout: dict, log: list[dict], extra: dict, rows: list[dict]
+) -> dict:
+    """Held-out accuracies, the best tree shape for them, export and report (`target`: its LM head and input
+    embeddings are read; `rows`: the training conversations, whose answers give the draft vocabulary)."""
+    lm_head, embed = target.get_output_embeddings(), target.get_input_embeddings()
     heads = heads.to(lm_head.weight.dtype)
-    accuracy = rank_accuracy(heads, lm_head, heldout, cfg.medusa.tree_topk)
+    if cfg.medusa.draft_vocab:
+        full_vocab = rank_accuracy(heads, lm_head, embed, heldout, 1)[:, 0].tolist()
+        heads.restrict_vocab(draft_vocab(rows, cfg.medusa.draft_vocab))
+        extra = {"top1_accuracy_full_vocab": full_vocab, **extra}
+    accuracy = rank_accuracy(heads, lm_head, embed, heldout, cfg.medusa.tree_topk)
     choices = best_choices(accuracy, cfg.medusa.tree_budget)
     heads.config = dataclasses.replace(heads.config, choices=[list(c) for c in choices])
     out = heads.save_pretrained(cfg.output_dir)
@@ -230,6 +267,7 @@ def finish(cfg: DictConfig, heads: MedusaHeads, lm_head, heldout: dict, log: lis
         "top1_accuracy": accuracy[:, 0].tolist(),
         f"top{cfg.medusa.tree_topk}_accuracy": accuracy.cumsum(-1)[:, -1].tolist(),
         "rank_accuracy": accuracy.tolist(),
+        "draft_vocab": heads.config.draft_vocab,
         "expected_accepted_length": 1 + _expected_accepted(accuracy, choices),
         "train_tokens_per_s": log[-1]["tokens_per_s"] if log else None,
         "final_loss": log[-1]["loss"] if log else None,
@@ -268,17 +306,20 @@ def main(cfg: DictConfig) -> None:
     train_rows, heldout_rows = [r for r in rows if not r["heldout"]], [r for r in rows if r["heldout"]]
     print(f"{len(train_rows)} training conversations, {len(heldout_rows)} held out")
     k = cfg.medusa.num_heads
-    heads = MedusaHeads.for_model(target, k, cfg.medusa.num_layers, cfg.medusa.shared_lm_head, name=cfg.target)
+    heads = MedusaHeads.for_model(
+        target, k, cfg.medusa.num_layers, cfg.medusa.shared_lm_head, name=cfg.target, path_inputs=cfg.medusa.path_inputs
+    )
     heads = heads.float()
     if not cfg.medusa.lora:  # Medusa-1: the frozen target runs once, to cache its hidden states
         batch = cfg.data.feature_batch_size
         heldout = cache_features(target, heldout_rows, k, pad, batch, work / "features_heldout")
         features = cache_features(target, train_rows, k, pad, batch, work / "features")
         print(f"{len(features['labels'])} training positions cached")
-        lm_head = frozen_copy(target.get_output_embeddings())
+        frozen = FrozenParts(frozen_copy(target.get_output_embeddings()), frozen_copy(target.get_input_embeddings()))
         del target
-        log = train_medusa1(cfg, heads, lm_head, features, work / "checkpoints")
-        metrics = finish(cfg, heads, lm_head, heldout, log, {"train_positions": len(features["labels"])})
+        log = train_medusa1(cfg, heads, frozen.lm_head, frozen.embed, features, work / "checkpoints")
+        extra = {"train_positions": len(features["labels"])}
+        metrics = finish(cfg, heads, frozen, heldout, log, extra, train_rows)
     else:  # Medusa-2: LoRA on a trainable fp32 copy of the target, trained with the heads
         del target
         target, _ = load_model(cfg.target, dtype="fp32")
@@ -292,7 +333,7 @@ def main(cfg: DictConfig) -> None:
         merged = peft_target.merge_and_unload().eval()
         batch = cfg.data.feature_batch_size
         heldout = cache_features(merged, heldout_rows, k, pad, batch, work / "features_heldout_lora")
-        metrics = finish(cfg, heads, merged.get_output_embeddings(), heldout, log, {"medusa": 2})
+        metrics = finish(cfg, heads, merged, heldout, log, {"medusa": 2}, train_rows)
     (work / "train_log.json").write_text(json.dumps(log, indent=1))
     print(json.dumps({key: v for key, v in metrics.items() if key not in ("command_overrides", "heads")}, indent=2))
     print(f"heads written to {cfg.output_dir}")
@@ -306,12 +347,28 @@ def plain_copy(model):
     return plain
 
 
-def frozen_copy(linear: torch.nn.Module) -> torch.nn.Linear:
-    """An fp32 copy of an LM head that takes no gradient (the heads' shared, frozen LM head)."""
-    weight = linear.weight.detach().float().clone()
+def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """An fp32 copy of an LM head (`nn.Linear`) or input embedding (`nn.Embedding`) that takes no gradient."""
+    weight = torch.nn.Parameter(module.weight.detach().float().clone(), requires_grad=False)
+    if isinstance(module, torch.nn.Embedding):
+        return torch.nn.Embedding.from_pretrained(weight, freeze=True)
     copy = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    copy.weight = torch.nn.Parameter(weight, requires_grad=False)
+    copy.weight = weight
     return copy
+
+
+@dataclasses.dataclass
+class FrozenParts:
+    """The frozen target's parts the heads read once the target is gone (Medusa-1)."""
+
+    lm_head: torch.nn.Module
+    embed: torch.nn.Module
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ class MedusaDrafter(Drafter):
 
     Per step the heads read the target's final hidden state at the last accepted node (the one whose LM
     head chose the root), head `k` gives its top candidates for depth `k + 1`, and a static tree shape
-    (`choices`) picks which ranks to combine. Each node's score is the sum of its heads' log-probabilities
-    along the path; a controller's plan trims the tree to its best `budget` nodes and drops nodes below
-    its threshold. Candidates are deterministic proposals, so sampling stays exact too.
+    (`choices`) picks which ranks to combine. Path-conditioned heads (`path_inputs=True`) also read the
+    tokens from the root to the node they extend, so the tree is filled one depth at a time, with one
+    batched head call per depth for all the nodes that get children. Each node's score is the sum of its
+    heads' log-probabilities along the path; a controller's plan trims the tree to its best `budget` nodes
+    and drops nodes below its threshold. Candidates are deterministic proposals, so sampling stays exact too.
 
     Args:
         heads: `MedusaHeads` trained for the target (checked at `start`).
@@ -46,23 +48,74 @@ class MedusaDrafter(Drafter):
             raise ValueError(f"choices must be non-empty and at most {num_heads} deep (one depth per head)")
         self.heads = heads
         self.topk = max(max(c) for c in self.choices) + 1
-        self._lm_head = None
+        self._weights = self._embed = None
 
     def start(self, target: PreTrainedModel) -> None:
         self.heads.check(target)
-        self._lm_head = target.get_output_embeddings()
+        self._weights = self.heads.lm_weights(target.get_output_embeddings())  # [V', H] per head
+        self._embed = target.get_input_embeddings()
+
+    def _top(self, weight: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top candidates for `[P, H]` features under LM-head `weight`: log-probabilities (over the draft
+        vocabulary) and token ids, `[P, topk]` each, on the CPU."""
+        top_lp, top = torch.log_softmax((features @ weight.T).float(), dim=-1).topk(self.topk, dim=-1)
+        if self.heads.config.draft_vocab:
+            top = self.heads.vocab[top]
+        return top_lp.cpu(), top.cpu()
 
     @torch.inference_mode()
     def propose(self, state: DecodeState) -> TokenTree:
         if state.max_depth < 1 or state.hidden is None:
             return TokenTree.chain(state.root)
-        if self._lm_head is None:
+        if self._weights is None:
             raise RuntimeError("MedusaDrafter.start(target) must be called before propose()")
-        logits = self.heads(state.hidden.unsqueeze(0), self._lm_head)[:, 0]  # [K, V]
-        top_lp, top_tok = torch.log_softmax(logits.float(), dim=-1).topk(self.topk, dim=-1)  # [K, k]
         choices = [c for c in self.choices if len(c) <= state.max_depth]
-        tree = TokenTree.from_choices(state.root, choices, top_tok.cpu(), top_lp.cpu())
+        if self.heads.config.path_inputs:  # each depth costs a head call: build only what the budget keeps
+            choices = _first(choices, state.budget)
+            return _trim(self._path_tree(state, choices), state)
+        features = self.heads.features(state.hidden)  # [K, H]
+        if self.heads.lm_heads is None:  # shared LM head: one matmul for all heads
+            top_lp, top_tok = self._top(self._weights[0], features)  # [K, k]
+        else:
+            tops = [self._top(w, f.unsqueeze(0)) for w, f in zip(self._weights, features, strict=True)]
+            top_lp, top_tok = (torch.cat(t) for t in zip(*tops, strict=True))
+        tree = TokenTree.from_choices(state.root, choices, top_tok, top_lp)
         return _trim(tree, state)
+
+    def _path_tree(self, state: DecodeState, choices: list[tuple[int, ...]]) -> TokenTree:
+        """The `choices` tree for path-conditioned heads: depth by depth, head `d` runs once on the paths of
+        all depth-`d` nodes that have children (path = root + the node's tokens)."""
+        paths: dict[tuple[int, ...], list[int]] = {(): [state.root]}
+        scores: dict[tuple[int, ...], list[float]] = {(): []}
+        for depth in range(1, max(len(c) for c in choices) + 1):
+            level = sorted(c for c in choices if len(c) == depth)
+            parents = sorted({c[:-1] for c in level if c[:-1] in paths})
+            if not parents:
+                break
+            path = torch.tensor([paths[p] for p in parents], device=state.hidden.device)  # [P, depth]
+            hidden = state.hidden.expand(len(parents), -1)
+            features = self.heads.head_features(depth - 1, hidden, path, self._embed)
+            top_lp, top_tok = (t.tolist() for t in self._top(self._weights[depth - 1], features))
+            for choice in level:
+                if choice[:-1] in paths:
+                    row, rank = parents.index(choice[:-1]), choice[-1]
+                    paths[choice] = paths[choice[:-1]] + [top_tok[row][rank]]
+                    last = scores[choice[:-1]][-1] if depth > 1 else 0.0
+                    scores[choice] = scores[choice[:-1]] + [last + top_lp[row][rank]]
+        order = sorted((c for c in paths if c), key=lambda c: (len(c), c))
+        return TokenTree.trie(state.root, [paths[c][1:] for c in order], [scores[c] for c in order])
+
+
+def _first(choices: list[tuple[int, ...]], budget: int | None) -> list[tuple[int, ...]]:
+    """The first `budget` choices whose parents are kept (saved choices come best first, so for them this is
+    the best tree of that size)."""
+    kept: set[tuple[int, ...]] = set()
+    for choice in choices:
+        if budget is not None and len(kept) >= budget:
+            break
+        if len(choice) == 1 or choice[:-1] in kept:
+            kept.add(choice)
+    return [c for c in choices if c in kept]
 
 
 def _trim(tree: TokenTree, state: DecodeState) -> TokenTree:
