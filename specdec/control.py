@@ -17,8 +17,10 @@ From it, each step gets a `Plan`:
 - depth `D*` maximising expected tokens per second `E(D) / (c * D + verify(size(D)))`, plus one level
   so that the next depth keeps being measured (the threshold still cuts branches that do not pay);
 - a confidence threshold: the path probability at which a node's expected value (probability x time per
-  token) no longer pays its marginal cost (`b` plus its share of drafting); draft sources stop extending
-  a branch below it, so cheap verification and a well-calibrated draft give wider, deeper trees;
+  token) no longer pays its marginal verify cost `b` (drafting is paid per level, and the depth already
+  weighs it); draft sources stop extending a branch below it, so cheap verification and a well-calibrated
+  draft give wider, deeper trees. Node probabilities are scaled by a calibration: accepted draft tokens /
+  the tokens the trees' scores promised, both summed over recent steps (discounted, with a prior);
 - a node budget: the widest tree whose extra verification cost stays under half the time the expected
   accepted tokens save (every fourth step half of it, so that the cost slope `b` stays measurable);
 - fallback: when the best expected rate is below plain decoding's, plain steps are taken, and
@@ -44,7 +46,7 @@ class ControlConfig:
     min_threshold: float = 0.002
     max_threshold: float = 0.5
     prior_acceptance: float = 0.6  # conditional acceptance per depth assumed before measuring it
-    prior_weight: float = 2.0  # pseudo-steps behind that prior
+    prior_weight: float = 2.0  # pseudo-steps behind that prior (and behind a calibration of 1)
     discount: float = 0.95  # acceptance counts fade by this per step (an effective window of ~20 steps)
     ema: float = 0.2  # weight of the newest cost and width measurement
     min_speedup: float = 1.0  # speculate only when the expected rate beats plain decoding by this factor
@@ -134,7 +136,7 @@ class Controller:
         self.hits = [0.0] * (cfg.max_depth + 1)  # discounted counts: accepted path reached depth d ...
         self.trials = [0.0] * (cfg.max_depth + 1)  # ... out of steps whose tree reached depth d (index 0 unused)
         self.width = 1.0  # draft nodes per level of recent trees
-        self.calibration = 1.0  # accepted draft tokens / tokens the tree scores promised
+        self.accepted_sum = self.promised_sum = 0.0  # discounted, over steps with scored trees
         self.threshold = cfg.initial_threshold
         self._line = (0.0, 0.0)  # verify_line() and acceptance_curve() as of the last update
         self._curve = self._acceptance_curve()
@@ -144,6 +146,12 @@ class Controller:
         self.history: list[dict] = []
 
     # ---------------------------------------------------------------- the model
+
+    @property
+    def calibration(self) -> float:
+        """Accepted draft tokens per token the trees' scores promised, over recent steps (1 before any)."""
+        prior = self.config.prior_weight
+        return (self.accepted_sum + prior) / (self.promised_sum + prior)
 
     def acceptance_curve(self) -> list[float]:
         return self._curve
@@ -219,11 +227,8 @@ class Controller:
     def _update_threshold(self) -> None:
         """The path probability below which a node's expected value does not pay its marginal cost."""
         cfg = self.config
-        b = self._line[1]
-        depth = self.best_depth()
-        seconds_per_token = 1.0 / max(self.expected_rate(depth), 1e-9)
-        marginal = b + (self.costs.draft_per_level or 0.0) / max(self.width, 1.0)
-        threshold = marginal / (seconds_per_token * max(self.calibration, 1e-3))
+        seconds_per_token = 1.0 / max(self.expected_rate(self.best_depth()), 1e-9)
+        threshold = self._line[1] / (seconds_per_token * max(self.calibration, 1e-3))
         self.threshold = min(max(threshold, cfg.min_threshold), cfg.max_threshold)
 
     def update(
@@ -249,7 +254,8 @@ class Controller:
         self.costs.add_verify(tree_size, verify_seconds)
         self._line = self.costs.verify_line()
         if promised > 0:  # speculative and opportunistic steps alike: how far the trees' scores can be trusted
-            self.calibration = (1 - ema) * self.calibration + ema * min(accepted / promised, 4.0)
+            self.accepted_sum = cfg.discount * self.accepted_sum + accepted
+            self.promised_sum = cfg.discount * self.promised_sum + promised
         if not plan.speculate:
             return
         self.costs.add_draft(tree_depth, draft_seconds)

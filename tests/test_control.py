@@ -10,8 +10,11 @@ from specdec.control import ControlConfig, Controller
 from specdec.drafters import ModelDrafter
 
 
-def simulate(controller: Controller, steps: int, accept_rate: float, verify, draft_per_level: float, seed=0):
-    """Drive the controller with a synthetic draft: each draft token is accepted with `accept_rate`."""
+def simulate(
+    controller: Controller, steps: int, accept_rate: float, verify, draft_per_level: float, seed=0, overconfidence=1.0
+):
+    """Drive the controller with a synthetic draft: each draft token is accepted with `accept_rate`; the tree's
+    scores promise `overconfidence` times the expected accepted tokens."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         plan = controller.plan()
@@ -23,7 +26,7 @@ def simulate(controller: Controller, steps: int, accept_rate: float, verify, dra
         accepted = 0
         while accepted < depth and torch.rand(1, generator=gen).item() < accept_rate:
             accepted += 1
-        promised = sum(accept_rate**d for d in range(1, depth + 1))
+        promised = overconfidence * sum(accept_rate**d for d in range(1, depth + 1))
         controller.update(plan, size, depth, accepted, promised, draft_per_level * depth, verify(size))
     return controller
 
@@ -79,6 +82,26 @@ def test_cost_model_reads_measured_sizes_and_keeps_trees_in_the_cheap_size_class
     recent = [p for p in c.history[40:] if p["speculate"]]
     assert len(recent) > 0.9 * len(c.history[40:])
     assert all(p["budget"] <= 2 for p in recent)
+
+
+def test_calibration_measures_overconfident_scores_and_steadies_the_threshold():
+    """Scores that promise 1.5x what is accepted: the calibration settles near 2/3 and the threshold stays
+    where a node pays its verify cost (an average of per-step ratios swung it to its cap on small trees)."""
+    c = simulate(Controller(), 300, accept_rate=0.5, verify=cheap_verify, draft_per_level=0.002, overconfidence=1.5)
+    assert abs(c.calibration - 2 / 3) < 0.15
+    thresholds = [p["threshold"] for p in c.history[-100:]]
+    assert max(thresholds) < 0.05 and min(thresholds) >= c.config.min_threshold
+    well = simulate(Controller(), 300, accept_rate=0.5, verify=cheap_verify, draft_per_level=0.002)
+    assert c.threshold > well.threshold  # overconfident scores: a node must promise more to be drafted
+
+
+def test_drafting_cost_limits_depth_not_the_width_of_a_level():
+    """Drafting is paid per level (one draft call for all of a level's nodes): a dear draft makes trees
+    shallower, while the threshold, which prices one more node, depends on the verify slope only."""
+    cheap = simulate(Controller(), 100, accept_rate=0.7, verify=cheap_verify, draft_per_level=0.0005)
+    dear = simulate(Controller(), 100, accept_rate=0.7, verify=cheap_verify, draft_per_level=0.015)
+    assert dear.best_depth() < cheap.best_depth()
+    assert dear.threshold < 2 * cheap.threshold + 1e-3
 
 
 def test_recovers_when_the_draft_becomes_good():
