@@ -201,6 +201,9 @@ def test_path_heads_fill_each_node_with_the_top_candidates_for_its_own_path():
         expected = float(tree.scores[parent]) + float(logprobs[tree.tokens[node]])
         assert float(tree.scores[node]) == pytest.approx(expected, abs=1e-5)
     torch.set_grad_enabled(True)
+    small = drafter.propose(DecodeState(PROMPT, max_depth=4, budget=3, hidden=hidden))
+    assert len(small) == 4 and small.tokens.tolist() == tree.tokens[:4].tolist()  # the first choices come first
+    assert len(drafter.propose(DecodeState(PROMPT, max_depth=4, budget=0, hidden=hidden))) == 1
 
 
 # ---------------------------------------------------------------- exactness

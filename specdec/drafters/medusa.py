@@ -72,6 +72,8 @@ class MedusaDrafter(Drafter):
         choices = [c for c in self.choices if len(c) <= state.max_depth]
         if self.heads.config.path_inputs:  # each depth costs a head call: build only what the budget keeps
             choices = _first(choices, state.budget)
+            if not choices:
+                return TokenTree.chain(state.root)
             return _trim(self._path_tree(state, choices), state)
         features = self.heads.features(state.hidden)  # [K, H]
         if self.heads.lm_heads is None:  # shared LM head: one matmul for all heads
