@@ -282,11 +282,13 @@ def tiny_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     return target, draft
 
 
-def noisy_heads(target) -> MedusaHeads:
-    heads = MedusaHeads.for_model(target, num_heads=2)
+def noisy_heads(target, path_inputs: bool = False) -> MedusaHeads:
+    heads = MedusaHeads.for_model(target, num_heads=2, path_inputs=path_inputs)
     with torch.no_grad():
         for param in heads.parameters():
             param.add_(0.3 * torch.randn_like(param))
+    if path_inputs:  # and a draft vocabulary of half the tokens: the others can only come from the target
+        heads.restrict_vocab(torch.arange(0, V, 2))
     return heads
 
 
@@ -314,6 +316,11 @@ def sample_counts(generate, x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
         ("draft chain", lambda t, d: ModelDrafter(d, depth=3, branching=1), dict(temperature=0.7, top_k=6)),
         ("ngram", lambda t, d: NGramDrafter(min_ngram=1), dict(temperature=1.0, top_p=0.9)),
         ("medusa", lambda t, d: MedusaDrafter(noisy_heads(t), [(0,), (1,), (0, 0)]), dict(temperature=1.0)),
+        (
+            "medusa path heads, draft vocabulary",
+            lambda t, d: MedusaDrafter(noisy_heads(t, path_inputs=True), [(0,), (1,), (0, 0), (1, 0)]),
+            dict(temperature=0.8, top_k=8),
+        ),
     ],
 )
 def test_generate_samples_the_target_distribution(name, drafter, sampling):
