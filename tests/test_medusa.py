@@ -189,18 +189,17 @@ def test_path_heads_fill_each_node_with_the_top_candidates_for_its_own_path():
     hidden = torch.randn(64)
     tree = drafter.propose(DecodeState(PROMPT, max_depth=4, hidden=hidden))
     assert len(tree) == 9
-    torch.set_grad_enabled(False)  # test-local: restored below
     lm_head, embed = target.get_output_embeddings(), target.get_input_embeddings()
     for node in range(1, len(tree)):
         parent = int(tree.parents[node])
         path = [int(tree.tokens[i]) for i in tree.path_to(parent)]  # root .. parent
-        logits = heads.head_logits(len(path) - 1, hidden, lm_head, torch.tensor(path), embed)
+        with torch.no_grad():
+            logits = heads.head_logits(len(path) - 1, hidden, lm_head, torch.tensor(path), embed)
         logprobs = torch.log_softmax(logits.float(), -1)
         rank = tree.children(parent).index(node)  # siblings in rank order
         assert int(tree.tokens[node]) == int(logprobs.topk(rank + 1).indices[rank])
         expected = float(tree.scores[parent]) + float(logprobs[tree.tokens[node]])
         assert float(tree.scores[node]) == pytest.approx(expected, abs=1e-5)
-    torch.set_grad_enabled(True)
     small = drafter.propose(DecodeState(PROMPT, max_depth=4, budget=3, hidden=hidden))
     assert len(small) == 4 and small.tokens.tolist() == tree.tokens[:4].tolist()  # the first choices come first
     assert len(drafter.propose(DecodeState(PROMPT, max_depth=4, budget=0, hidden=hidden))) == 1

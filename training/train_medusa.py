@@ -87,15 +87,17 @@ def cache_features(target, rows: list[dict], num_heads: int, pad: int, batch_siz
         shard = shard_dir / f"{index:05d}.safetensors"
         labels = head_labels(batch, num_heads)  # [B, T, K]
         keep = (labels != IGNORE).any(-1)
-        if not shard.exists() or "paths" not in load_file(shard):
+        cached = load_file(shard) if shard.exists() else {}
+        if "paths" not in cached:
             input_ids, attention_mask, _ = collate(batch, pad)
             out = target(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
             tmp = shard.with_suffix(".tmp")
             hidden = out.hidden_states[-1][keep].bfloat16().contiguous()
             paths = head_paths(batch, num_heads, pad)[keep].contiguous()
-            save_file({"hidden": hidden, "labels": labels[keep], "paths": paths}, tmp)
+            cached = {"hidden": hidden, "labels": labels[keep], "paths": paths}
+            save_file(cached, tmp)
             tmp.rename(shard)
-        shards.append(load_file(shard))
+        shards.append(cached)
         if not torch.equal(shards[-1]["labels"], labels[keep]):
             raise ValueError(f"{shard} was made from other conversations; delete {shard_dir} or change work_dir")
     return {key: torch.cat([s[key] for s in shards]) for key in ("hidden", "labels", "paths")}
@@ -120,13 +122,15 @@ def rank_accuracy(heads: MedusaHeads, lm_head, embed, features: dict, topk: int,
     path-conditioned heads: given the right path; candidates only from the heads' draft vocabulary)."""
     hits = torch.zeros(heads.config.num_heads, topk)
     counts = torch.zeros(heads.config.num_heads, 1)
+    outside = None  # tokens outside the heads' draft vocabulary, when they have one
+    if heads.config.draft_vocab:
+        outside = torch.ones(heads.config.vocab_size, dtype=torch.bool)
+        outside[heads.vocab] = False
     for i in range(0, len(features["labels"]), batch):
         hidden = features["hidden"][i : i + batch].to(lm_head.weight.dtype)
         labels = features["labels"][i : i + batch].T  # [K, M]
         logits = heads(hidden, lm_head, features["paths"][i : i + batch], embed)  # [K, M, V]
-        if heads.config.draft_vocab:
-            outside = torch.ones(logits.shape[-1], dtype=torch.bool)
-            outside[heads.vocab] = False
+        if outside is not None:
             logits[..., outside] = float("-inf")
         top = logits.topk(topk, dim=-1).indices  # [K, M, topk]
         valid = labels != IGNORE
