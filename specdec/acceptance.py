@@ -44,13 +44,22 @@ def greedy(tree: TokenTree, logits: torch.Tensor) -> Acceptance:
         The deepest such path (the lowest node index among equally deep ones) and the bonus token:
         the argmax after its last node. The result equals plain greedy decoding token for token.
     """
-    pred = logits.argmax(dim=-1).cpu()  # [N] target's choice after each node
-    match = torch.ones(len(tree), dtype=torch.bool)  # [N] node's token is its parent's argmax
-    match[1:] = tree.tokens[1:] == pred[tree.parents[1:]]
-    accepted = ~(tree.ancestor_mask & ~match).any(dim=-1)  # [N] whole root-to-node path matches
-    best = int(torch.where(accepted, tree.depth, -1).argmax())
+    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    children: dict[int, list[int]] = {}
+    for node in range(1, len(tokens)):
+        children.setdefault(parents[node], []).append(node)
+    # level by level, the argmax of accepted nodes only (an argmax over the vocabulary is the costly part)
+    level, pred = [0], {}
+    while True:
+        for node, token in zip(level, logits[level].argmax(dim=-1).tolist(), strict=True):
+            pred[node] = token
+        deeper = sorted(c for node in level for c in children.get(node, ()) if tokens[c] == pred[node])
+        if not deeper:
+            break
+        level = deeper
+    best = level[0]  # the lowest index at the deepest accepted level
     path = tree.path_to(best)
-    return Acceptance(path=path, tokens=[*tree.tokens[path[1:]].tolist(), int(pred[best])])
+    return Acceptance(path=path, tokens=[*[tokens[n] for n in path[1:]], pred[best]])
 
 
 def rejection_sample(tree: TokenTree, p: torch.Tensor, generator: torch.Generator) -> Acceptance:
