@@ -1,7 +1,12 @@
 """Shared training data: resumable shards that refuse to be mixed with another config's."""
 
-import pytest
+from types import SimpleNamespace
 
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from training import data
 from training.data import collate, run_sharded
 
 
@@ -32,3 +37,27 @@ def test_collate_masks_the_positions_that_predict_answer_tokens():
     assert input_ids.tolist() == [[5, 6, 7, 8], [5, 9, 0, 0]]
     assert attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert loss_mask.tolist() == [[False, True, True, False], [True, False, False, False]]
+
+
+def test_generate_answers_reuses_answers_made_for_the_same_prompts(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "chat_input_ids", lambda tokenizer, chat: torch.tensor([[ord(chat[0]["content"])]]))
+    monkeypatch.setattr(data, "pad_id", lambda tokenizer: 0)
+    generated = []
+
+    def fake_generate(target, prompts, pad, eos, cfg):
+        generated.extend(prompts)
+        return [{"answer_ids": [p[0] + 1000], "topk_ids": [], "topk_logprobs": []} for p in prompts]
+
+    monkeypatch.setattr(data, "_generate_batch", fake_generate)
+    settings = {"max_prompt_tokens": 8, "gen_batch_size": 2, "max_generated_batches": 10, "heldout": 0}
+    tokenizer = SimpleNamespace(eos_token_id=0)
+    prompts = [{"source": "s", "text": t} for t in "ab"]
+    first = OmegaConf.create({"data": settings})
+    data.generate_answers(first, None, tokenizer, prompts, tmp_path / "first")
+    assert generated == [[97], [98]]
+
+    generated.clear()
+    second = OmegaConf.create({"data": {**settings, "reuse_answers": [str(tmp_path / "first")]}})
+    rows = data.generate_answers(second, None, tokenizer, [*prompts, {"source": "s", "text": "c"}], tmp_path / "2")
+    assert generated == [[99]]  # only the new prompt
+    assert [r["answer_ids"] for r in rows] == [[1097], [1098], [1099]]

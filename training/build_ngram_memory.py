@@ -83,7 +83,7 @@ def main(cfg: DictConfig) -> None:
     (out / "README.md").write_text(
         f"# {out.name}\n\nCross-request n-gram memory for `{cfg.target}`: its own greedy answers to "
         f"{len(kept)} training prompts ({len(memory)} tokens), built by `training/build_ngram_memory.py`.\n\n"
-        f"Reproduce: `.venv/bin/python -m training.build_ngram_memory {' '.join(overrides)}`\n\n"
+        f"Reproduce: `{' '.join(['.venv/bin/python -m training.build_ngram_memory', *overrides])}`\n\n"
         f'Use: `NGramDrafter(memory="{out.name}")`. Measured at build time (`metrics.json`): replaying '
         f"{len(heldout)} held-out answers, greedy decoding gains {context_only:.2f} tokens per step from "
         f"the context alone and {with_memory:.2f} with this memory.\n"

@@ -77,10 +77,25 @@ def generate_answers(cfg: DictConfig, target, tokenizer, prompts: list[dict], sh
     batches = [rows[i : i + cfg.data.gen_batch_size] for i in range(0, len(rows), cfg.data.gen_batch_size)]
     batches = batches[: cfg.data.max_generated_batches]  # shortest prompts first; generation is the slow stage
 
+    known = known_answers([Path(d) for d in cfg.data.get("reuse_answers") or []])
+
     def answer(batch: list[dict]) -> list[dict]:
-        return _generate_batch(target, [r["prompt_ids"] for r in batch], pad, tokenizer.eos_token_id, cfg)
+        missing = [r["prompt_ids"] for r in batch if tuple(r["prompt_ids"]) not in known]
+        made = iter(_generate_batch(target, missing, pad, tokenizer.eos_token_id, cfg) if missing else [])
+        return [known.get(tuple(r["prompt_ids"])) or next(made) for r in batch]
 
     return run_sharded(batches, shard_dir, "target answers", answer)
+
+
+def known_answers(shard_dirs: list[Path]) -> dict[tuple[int, ...], dict]:
+    """Answers already generated (by this config or another, e.g. a smaller data set), by prompt ids: a
+    config that adds prompts to an earlier one generates only the new prompts' answers."""
+    known = {}
+    for shard in sorted(p for d in shard_dirs for p in d.glob("*.jsonl")):
+        for line in shard.open():
+            row = json.loads(line)
+            known[tuple(row["prompt_ids"])] = {k: row[k] for k in ("answer_ids", "topk_ids", "topk_logprobs")}
+    return known
 
 
 @torch.inference_mode()
