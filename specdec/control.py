@@ -140,6 +140,8 @@ class Controller:
         self.threshold = cfg.initial_threshold
         self._line = (0.0, 0.0)  # verify_line() and acceptance_curve() as of the last update
         self._curve = self._acceptance_curve()
+        self._budgets: dict[int, int] = {}  # _budget(depth) as of the last update
+        self._best: int | None = None  # best_depth() as of the last update
         self.speculative_steps = 0
         self.plain_left = 0  # plain steps before the next probe
         self.backoff = cfg.probe_after
@@ -194,7 +196,9 @@ class Controller:
         return expected_gain * self.calibration * plain > extra
 
     def best_depth(self) -> int:
-        return max(range(1, self.config.max_depth + 1), key=self.expected_rate)
+        if self._best is None:
+            self._best = max(range(1, self.config.max_depth + 1), key=self.expected_rate)
+        return self._best
 
     # ---------------------------------------------------------------- decisions
 
@@ -216,6 +220,11 @@ class Controller:
 
     def _budget(self, depth: int) -> int:
         """Widest tree whose extra verify cost stays under half the time its expected tokens save."""
+        if depth not in self._budgets:
+            self._budgets[depth] = self._widest_budget(depth)
+        return self._budgets[depth]
+
+    def _widest_budget(self, depth: int) -> int:
         cfg = self.config
         plain = self.costs.verify_time(1, self._line)
         saved = sum(self.acceptance_curve()[:depth]) * plain  # each accepted token saves about a plain step
@@ -251,6 +260,7 @@ class Controller:
             draft_seconds, verify_seconds: measured times.
         """
         cfg, ema = self.config, self.config.ema
+        self._budgets, self._best = {}, None  # the measurements below change both
         self.costs.add_verify(tree_size, verify_seconds)
         self._line = self.costs.verify_line()
         if promised > 0:  # speculative and opportunistic steps alike: how far the trees' scores can be trusted
