@@ -82,7 +82,10 @@ def forward_tree(
     """
     device = model.device
     prefix_len = kv.length(cache) - start
-    mask = tree_attention_mask(tree, prefix_len, model.dtype, start).to(device)
+    if len(tree) - start == 1 and bool(tree.ancestor_mask[start].all()):
+        mask = None  # one new token that sees every cached entry: a plain decoding step, no mask needed
+    else:
+        mask = tree_attention_mask(tree, prefix_len, model.dtype, start).to(device)
     positions = (prefix_len + tree.depth[start:]).unsqueeze(0).to(device)  # [1, N - start]
     return model(
         input_ids=tree.tokens[start:].unsqueeze(0).to(device),

@@ -49,6 +49,24 @@ def test_feeding_a_tree_in_parts_equals_one_pass(arch):
     torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@torch.inference_mode()
+def test_feeding_a_tree_node_by_node_equals_one_pass(attn):
+    """One new node at a time: a node that sees every cached entry runs unmasked (a plain step), a node with
+    cached non-ancestors (an earlier branch) still gets the tree mask."""
+    model = tiny_model("llama", attn)
+    prefix = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    tree = sample_tree()
+    whole = verify.forward_tree(model, verify.prefill(model, prefix)[0], tree).logits[0]
+    cache, _ = verify.prefill(model, prefix)
+    parts = [verify.forward_tree(model, cache, tree.select(torch.arange(len(tree)) < 1)).logits[0]]
+    parts += [
+        verify.forward_tree(model, cache, tree.select(torch.arange(len(tree)) <= k), start=k).logits[0]
+        for k in range(1, len(tree))
+    ]
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-5)
+
+
 def test_mask_is_float_additive_with_prefix_visible():
     tree = TokenTree.trie(0, [[1, 2], [3]])
     mask = verify.tree_attention_mask(tree, prefix_len=2, dtype=torch.float32)
