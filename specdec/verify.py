@@ -8,6 +8,8 @@ were run as a plain sequence.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
@@ -71,6 +73,7 @@ def forward_tree(
     tree: TokenTree,
     start: int = 0,
     output_hidden_states: bool = False,
+    last_logits_only: bool = False,
 ):
     """Run nodes `start:` of `tree` through `model`, appending their keys and values to `cache`.
 
@@ -78,7 +81,8 @@ def forward_tree(
     from the cache. With `start=0` this scores the whole tree after a cached prefix (verification).
 
     Returns:
-        The model output; `logits` is `[1, N - start, V]`, row `j` predicting the child of node `start + j`.
+        The model output; `logits` is `[1, N - start, V]`, row `j` predicting the child of node `start + j`
+        (with `last_logits_only`, where the model supports it, only the last row: `[1, 1, V]`).
     """
     device = model.device
     prefix_len = kv.length(cache) - start
@@ -94,7 +98,13 @@ def forward_tree(
         past_key_values=cache,
         use_cache=True,
         output_hidden_states=output_hidden_states,
+        **(_last_logits_only(model) if last_logits_only else {}),
     )
+
+
+def _last_logits_only(model: PreTrainedModel) -> dict:
+    """`logits_to_keep=1` where the model's forward takes it: the LM head runs on the last position only."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def prefill(
@@ -110,5 +120,6 @@ def prefill(
         past_key_values=cache,
         use_cache=True,
         output_hidden_states=output_hidden_states,
+        **_last_logits_only(model),  # the prompt's logits are not needed
     )
     return cache, out.hidden_states[-1][0, -1] if output_hidden_states else None

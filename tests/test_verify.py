@@ -95,3 +95,14 @@ def test_sliding_window_cache_is_refused():
     assert config.sliding_window is not None  # Mistral's default
     with pytest.raises(ValueError, match="sliding_window=None"):
         verify.check_supported(config)
+
+
+@torch.inference_mode()
+def test_last_logits_only_is_the_last_row_of_the_full_logits():
+    model = tiny_model("llama")
+    prefix = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    tree = TokenTree.chain(9, [4, 5, 6])
+    full = verify.forward_tree(model, verify.prefill(model, prefix)[0], tree).logits[0]
+    last = verify.forward_tree(model, verify.prefill(model, prefix)[0], tree, last_logits_only=True).logits[0]
+    assert last.shape == (1, full.shape[-1])
+    torch.testing.assert_close(last, full[-1:], rtol=1e-5, atol=1e-5)

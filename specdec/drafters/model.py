@@ -71,7 +71,8 @@ class ModelDrafter(Drafter):
             return tree
         # Catch up on the tokens accepted since the last step; the last of them is the root.
         pending = state.tokens[0, self._committed :].tolist()
-        out = verify.forward_tree(self.model, self._cache, TokenTree.chain(pending[0], pending[1:]))
+        chain = TokenTree.chain(pending[0], pending[1:])
+        out = verify.forward_tree(self.model, self._cache, chain, last_logits_only=True)
         self._committed = state.tokens.shape[1]
         self._fed = 1  # the root sits at the end of the cache now
         dist = _next_token(out.logits[0, -1:], state)  # [1, V]
