@@ -44,7 +44,7 @@ class NGramMemory:
             first `check` when not loaded with the memory; using the memory with another model is an error.
     """
 
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 2, occurrences: int = 64, capacity: int = 1_000_000):
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1, occurrences: int = 64, capacity: int = 1_000_000):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         if min(occurrences, capacity) < 1:
