@@ -10,7 +10,10 @@ One controller serves every draft source. It keeps a small explicit model, updat
   that every speculative step competes with. Drafting costs `c` per draft level.
 - value: `R[d]`, the measured probability that the accepted path reaches depth `d` when the tree did
   (per depth, discounted counts with a weak prior, so that a few unlucky steps do not end speculation);
-  a step of depth `D` yields `E(D) = 1 + sum(R[1..D])` tokens.
+  a step of depth `D` yields `E(D) = 1 + sum(R[1..D])` tokens. `R` is kept twice: after a step whose
+  accepted path reached its tree's deepest level (a streak: text being copied, from the prompt or an
+  earlier answer, tends to go on being copied) and after any other step, so that copy runs get deep
+  drafts without making every other step deep. The calibration below is kept per state too.
 
 From it, each step gets a `Plan`:
 
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field
 class ControlConfig:
     """Controller defaults; mirrored by the Hydra group `conf/control/`."""
 
-    max_depth: int = 8  # deepest plan
+    max_depth: int = 16  # deepest plan
     min_budget: int = 1  # draft nodes
     max_budget: int = 32
     initial_threshold: float = 0.05  # path probability, before anything is measured
@@ -89,11 +92,13 @@ class CostModel:
 
     def verify_time(self, size: int, line: tuple[float, float]) -> float:
         """Expected seconds to verify a tree of `size` nodes: its size class's measured time, moved along the
-        line's slope to `size`; the line itself where the class was not measured."""
+        line's slope to `size`; where the class was not measured, the line, but never less than a smaller
+        class was measured to cost (bigger trees do not verify faster)."""
         a, b = line
-        measured = self.classes.get(size.bit_length())
+        key = size.bit_length()
+        measured = self.classes.get(key)
         if measured is None:
-            return a + b * size
+            return max([a + b * size] + [seconds for k, (_, seconds) in self.classes.items() if k < key])
         mean_size, seconds = measured
         return max(seconds + b * (size - mean_size), 1e-9)
 
@@ -133,13 +138,17 @@ class Controller:
     def reset(self) -> None:
         cfg = self.config
         self.costs = CostModel(window=cfg.cost_window, ema=cfg.ema)
-        self.hits = [0.0] * (cfg.max_depth + 1)  # discounted counts: accepted path reached depth d ...
-        self.trials = [0.0] * (cfg.max_depth + 1)  # ... out of steps whose tree reached depth d (index 0 unused)
+        # per streak state (0: the last step was rejected inside its tree or was plain; 1: it accepted its
+        # tree's deepest level), discounted counts: accepted path reached depth d out of steps whose tree did
+        self.hits = [[0.0] * (cfg.max_depth + 1) for _ in range(2)]  # index 0 unused
+        self.trials = [[0.0] * (cfg.max_depth + 1) for _ in range(2)]
+        self.streak = 0
         self.width = 1.0  # draft nodes per level of recent trees
-        self.accepted_sum = self.promised_sum = 0.0  # discounted, over steps with scored trees
+        self.accepted_sum = [0.0, 0.0]  # per streak state, discounted, over steps with scored trees
+        self.promised_sum = [0.0, 0.0]
         self.threshold = cfg.initial_threshold
         self._line = (0.0, 0.0)  # verify_line() and acceptance_curve() as of the last update
-        self._curve = self._acceptance_curve()
+        self._curves = [self._acceptance_curve(s) for s in range(2)]
         self._budgets: dict[int, int] = {}  # _budget(depth) as of the last update
         self._best: int | None = None  # best_depth() as of the last update
         self.speculative_steps = 0
@@ -151,23 +160,26 @@ class Controller:
 
     @property
     def calibration(self) -> float:
-        """Accepted draft tokens per token the trees' scores promised, over recent steps (1 before any)."""
+        """Accepted draft tokens per token the trees' scores promised, over recent steps in the current streak
+        state (1 before any)."""
         prior = self.config.prior_weight
-        return (self.accepted_sum + prior) / (self.promised_sum + prior)
+        return (self.accepted_sum[self.streak] + prior) / (self.promised_sum[self.streak] + prior)
 
     def acceptance_curve(self) -> list[float]:
-        return self._curve
+        """`R[1..max_depth]` in the current streak state."""
+        return self._curves[self.streak]
 
-    def _acceptance_curve(self) -> list[float]:
+    def _acceptance_curve(self, streak: int) -> list[float]:
         """`R[d]` for d = 1..max_depth: discounted hit counts with a weak prior where depth d was drafted;
         beyond the deepest drafted depth, continued at the mean (geometric) per-level rate."""
         cfg = self.config
+        hits, trials = self.hits[streak], self.trials[streak]
         curve: list[float] = []
         rate = cfg.prior_acceptance
         for d in range(1, cfg.max_depth + 1):
-            if self.trials[d] > 0:
+            if trials[d] > 0:
                 prior = cfg.prior_acceptance**d
-                value = (self.hits[d] + cfg.prior_weight * prior) / (self.trials[d] + cfg.prior_weight)
+                value = (hits[d] + cfg.prior_weight * prior) / (trials[d] + cfg.prior_weight)
                 rate = max(value, 1e-9) ** (1 / d)
             else:
                 value = (curve[-1] if curve else 1.0) * rate
@@ -264,21 +276,25 @@ class Controller:
         self.costs.add_verify(tree_size, verify_seconds)
         self._line = self.costs.verify_line()
         if promised > 0:  # speculative and opportunistic steps alike: how far the trees' scores can be trusted
-            self.accepted_sum = cfg.discount * self.accepted_sum + accepted
-            self.promised_sum = cfg.discount * self.promised_sum + promised
+            s = self.streak
+            self.accepted_sum[s] = cfg.discount * self.accepted_sum[s] + accepted
+            self.promised_sum[s] = cfg.discount * self.promised_sum[s] + promised
         if not plan.speculate:
+            self.streak = 0
             return
         self.costs.add_draft(tree_depth, draft_seconds)
         self.speculative_steps += 1
+        hits, trials = self.hits[self.streak], self.trials[self.streak]  # the state the plan was made in
         for d in range(1, cfg.max_depth + 1):
-            self.hits[d] *= cfg.discount
-            self.trials[d] *= cfg.discount
+            hits[d] *= cfg.discount
+            trials[d] *= cfg.discount
             if d <= tree_depth:
-                self.hits[d] += accepted >= d
-                self.trials[d] += 1
+                hits[d] += accepted >= d
+                trials[d] += 1
+        self._curves[self.streak] = self._acceptance_curve(self.streak)
+        self.streak = int(tree_depth > 0 and accepted >= tree_depth)
         if tree_depth > 0:
             self.width = (1 - ema) * self.width + ema * (tree_size - 1) / tree_depth
-        self._curve = self._acceptance_curve()
         self._update_threshold()
         self._decide_fallback()
 
@@ -295,6 +311,12 @@ class Controller:
 
     def _record(self, plan: Plan) -> Plan:
         self.history.append(
-            {"speculate": plan.speculate, "depth": plan.depth, "budget": plan.budget, "threshold": plan.threshold}
+            {
+                "speculate": plan.speculate,
+                "depth": plan.depth,
+                "budget": plan.budget,
+                "threshold": plan.threshold,
+                "streak": bool(self.streak),
+            }
         )
         return plan

@@ -87,11 +87,12 @@ def test_cost_model_reads_measured_sizes_and_keeps_trees_in_the_cheap_size_class
 def test_calibration_measures_overconfident_scores_and_steadies_the_threshold():
     """Scores that promise 1.5x what is accepted: the calibration settles near 2/3 and the threshold stays
     where a node pays its verify cost (an average of per-step ratios swung it to its cap on small trees)."""
-    c = simulate(Controller(), 300, accept_rate=0.5, verify=cheap_verify, draft_per_level=0.002, overconfidence=1.5)
+    slow = ControlConfig(discount=0.995)  # a long memory (~200 steps), so that one reading is not mostly noise
+    c = simulate(Controller(slow), 400, accept_rate=0.5, verify=cheap_verify, draft_per_level=0.002, overconfidence=1.5)
     assert abs(c.calibration - 2 / 3) < 0.15
     thresholds = [p["threshold"] for p in c.history[-100:]]
     assert max(thresholds) < 0.05 and min(thresholds) >= c.config.min_threshold
-    well = simulate(Controller(), 300, accept_rate=0.5, verify=cheap_verify, draft_per_level=0.002)
+    well = simulate(Controller(slow), 400, accept_rate=0.5, verify=cheap_verify, draft_per_level=0.002)
     assert c.threshold > well.threshold  # overconfident scores: a node must promise more to be drafted
 
 
@@ -102,6 +103,36 @@ def test_drafting_cost_limits_depth_not_the_width_of_a_level():
     dear = simulate(Controller(), 100, accept_rate=0.7, verify=cheap_verify, draft_per_level=0.015)
     assert dear.best_depth() < cheap.best_depth()
     assert dear.threshold < 2 * cheap.threshold + 1e-3
+
+
+def test_copy_runs_get_deep_drafts_and_other_steps_stay_shallow():
+    """Text being copied (from the prompt or an earlier answer) tends to go on being copied: after a step
+    that accepted its whole tree the controller plans from the acceptance measured after such steps."""
+    c, gen = Controller(), torch.Generator().manual_seed(0)
+    verify = lambda n: 0.040 + 0.002 * n  # noqa: E731 - a node costs 5% of a plain step
+    copying = False
+    for _ in range(400):
+        if torch.rand(1, generator=gen).item() < 0.1:  # runs of ~10 steps of each kind
+            copying = not copying
+        plan = c.plan()
+        if not plan.speculate:
+            c.update(plan, 1, 0, 0, 0.0, 0.0, verify(1))
+            continue
+        rate = 1.0 if copying else 0.3
+        accepted = 0
+        while accepted < plan.depth and torch.rand(1, generator=gen).item() < rate:
+            accepted += 1
+        size = 1 + min(plan.budget, plan.depth)
+        promised = plan.depth if copying else 3 * sum(rate**d for d in range(1, plan.depth + 1))  # overconfident
+        c.update(plan, size, plan.depth, accepted, promised, 0.0002 * plan.depth, verify(size))
+    after_streak = [p["depth"] for p in c.history[100:] if p["speculate"] and p["streak"]]
+    otherwise = [p["depth"] for p in c.history[100:] if p["speculate"] and not p["streak"]]
+    assert len(after_streak) > 50 and len(otherwise) > 50
+    # the first step of each copy run is measured in the other state, so its deep levels pay a little too
+    assert min(after_streak) >= 12 and sum(otherwise) / len(otherwise) < 8
+    # scores are trusted per state: right after streaks, three times too hopeful otherwise
+    calibration = [a / p for a, p in zip(c.accepted_sum, c.promised_sum, strict=True)]
+    assert calibration[1] > 0.9 and calibration[0] < 0.6
 
 
 def test_recovers_when_the_draft_becomes_good():
