@@ -75,7 +75,7 @@ class NGramDrafter(Drafter):
         self,
         max_ngram: int = 4,
         min_ngram: int = 1,
-        depth: int = 8,
+        depth: int = 16,
         branches: int = 8,
         tree_budget: int = 32,
         recent: int = 8,
