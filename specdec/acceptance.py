@@ -44,16 +44,13 @@ def greedy(tree: TokenTree, logits: torch.Tensor) -> Acceptance:
         The deepest such path (the lowest node index among equally deep ones) and the bonus token:
         the argmax after its last node. The result equals plain greedy decoding token for token.
     """
-    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
-    children: dict[int, list[int]] = {}
-    for node in range(1, len(tokens)):
-        children.setdefault(parents[node], []).append(node)
+    tokens = tree.tokens.tolist()
     # level by level, the argmax of accepted nodes only (an argmax over the vocabulary is the costly part)
     level, pred = [0], {}
     while True:
         for node, token in zip(level, logits[level].argmax(dim=-1).tolist(), strict=True):
             pred[node] = token
-        deeper = sorted(c for node in level for c in children.get(node, ()) if tokens[c] == pred[node])
+        deeper = sorted(c for node in level for c in tree.children(node) if tokens[c] == pred[node])
         if not deeper:
             break
         level = deeper

@@ -200,7 +200,15 @@ class TokenTree:
         return torch.nonzero(self.ancestor_mask[node]).flatten().tolist()
 
     def children(self, node: int) -> list[int]:
-        return torch.nonzero(self.parents == node).flatten().tolist()
+        """`node`'s children, in index order."""
+        return list(self._children.get(node, ()))
+
+    @cached_property
+    def _children(self) -> dict[int, list[int]]:
+        children: dict[int, list[int]] = {}
+        for node, parent in enumerate(self.parents.tolist()[1:], start=1):
+            children.setdefault(parent, []).append(node)
+        return children
 
     @property
     def max_depth(self) -> int:
