@@ -8,6 +8,7 @@ were run as a plain sequence.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -104,7 +105,13 @@ def forward_tree(
 
 def _last_logits_only(model: PreTrainedModel) -> dict:
     """`logits_to_keep=1` where the model's forward takes it: the LM head runs on the last position only."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": 1} if _takes_logits_to_keep(type(model)) else {}
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    """Inspected once per class: the draft model's catch-up asks every step."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def prefill(
