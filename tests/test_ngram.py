@@ -71,13 +71,22 @@ def repeating_prompt(seed: int) -> torch.Tensor:
     [
         lambda t, d: NGramDrafter(branches=1, depth=6),  # chain
         lambda t, d: NGramDrafter(branches=3, depth=6),  # tree
+        lambda t, d: NGramDrafter(),  # the defaults: up to 16 levels once a step accepted its whole tree
         lambda t, d: Composite([NGramDrafter(), ModelDrafter(d, branching=1)]),
         lambda t, d: Composite([NGramDrafter(), ModelDrafter(d, depth=3, branching=2)], skip_gain=100.0),  # merge
         lambda t, d: Composite([NGramDrafter(), ModelDrafter(t, depth=4, branching=1)]),
         # the demo's default shape: n-gram with a cross-request memory (learning from the first prompt), then a draft
         lambda t, d: Composite([NGramDrafter(memory=NGramMemory(min_ngram=1)), ModelDrafter(d, depth=3, branching=2)]),
     ],
-    ids=["ngram-chain", "ngram-tree", "composite", "composite-merged", "composite-self", "composite-memory"],
+    ids=[
+        "ngram-chain",
+        "ngram-tree",
+        "ngram-default",
+        "composite",
+        "composite-merged",
+        "composite-self",
+        "composite-memory",
+    ],
 )
 def test_greedy_equals_target_generate(arch, make):
     target, draft = tiny_model(arch), small_draft(arch)
