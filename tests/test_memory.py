@@ -48,6 +48,7 @@ def test_continuations_stop_at_sequence_ends_and_respect_min_ngram():
     assert memory.continuations([7, 1, 2], 5) == [[9], [3, 4]]  # newest first; nothing from the next sequence
     assert memory.continuations([7, 2], 5) == []  # "7 2" never occurred and unigrams are not looked up
     assert memory.continuations([2], 5) == []  # a context shorter than min_ngram
+    assert memory.match([7, 1, 2], 5) == (2, [[9], [3, 4]]) and memory.match([7, 2], 5) == (0, [])  # with n
 
 
 def test_frequent_ngrams_are_sampled_evenly():

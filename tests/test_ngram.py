@@ -1,5 +1,6 @@
 """N-gram streaming source and Composite: index, ranking, and greedy equality with target.generate."""
 
+import math
 import time
 
 import pytest
@@ -40,6 +41,29 @@ def test_drafter_merges_distinct_continuations_longest_match_first():
     assert torch.allclose(tree.scores[1], torch.log(torch.tensor(2 / 3)))  # "3" follows both of 2 matches
     drafter.start(None)  # a new generation: a context without repeats proposes nothing
     assert drafter.propose(DecodeState(tokens=torch.tensor([[40, 41, 42]]), max_depth=5)).tokens.tolist() == [42]
+
+
+def test_scores_are_calibrated_per_kind_of_match_and_rank_the_reliable_kind_first():
+    # the answer's tokens each appear in the prompt followed by a decoy: the context's unigram match is always
+    # wrong; the memory holds the answer from an earlier generation, so its 4-gram match is always right
+    answer = list(range(100, 140))
+    prompt = [t for a in answer for t in (a, a + 100)]
+    memory = NGramMemory(min_ngram=1)
+    memory.add(answer)
+    drafter = NGramDrafter(depth=1, memory=memory, remember=False)
+
+    def first_two(t: int) -> tuple[list[int], list[float]]:
+        tree = drafter.propose(DecodeState(tokens=torch.tensor([prompt + answer[:t]]), max_depth=1))
+        return tree.tokens[1:3].tolist(), tree.scores[1:3].tolist()
+
+    tokens, scores = first_two(4)  # nothing measured yet: both shares are 1/2, the context's match first
+    assert tokens == [answer[3] + 100, answer[4]] and scores == pytest.approx([math.log(0.5)] * 2)
+    for t in range(5, 30):
+        first_two(t)
+    assert drafter.calibration(("context", 1)) < 0.2 and drafter.calibration(("memory", 4)) > 1.5
+    tokens, scores = first_two(30)
+    assert tokens == [answer[30], answer[29] + 100]  # the memory's (right) continuation now comes first
+    assert scores[0] > math.log(0.75) and scores[1] < math.log(0.1)
 
 
 def test_tree_budget_and_depth_are_respected():

@@ -81,6 +81,11 @@ class NGramMemory:
     def continuations(self, context: list[int], depth: int) -> list[list[int]]:
         """What followed the longest n-gram ending `context` that occurs here (at most `depth` tokens each,
         up to `occurrences` of them, newest first)."""
+        return self.match(context, depth)[1]
+
+    def match(self, context: list[int], depth: int) -> tuple[int, list[list[int]]]:
+        """`(n, continuations)`: the length of the longest n-gram ending `context` that occurs here (0 if
+        none does) and what followed it, as `continuations` gives it."""
         for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
             ngram = tuple(context[-n:])
             lo = bisect.bisect_left(self._entries, ngram)
@@ -97,8 +102,8 @@ class NGramMemory:
                 if cont:
                     found.append(cont)
             if found:
-                return found
-        return []
+                return n, found
+        return 0, []
 
     # ---------------------------------------------------------------- the model it belongs to
 

@@ -2,9 +2,10 @@
 
 No model and no training: the last `n` tokens are looked up in an index of every earlier n-gram (longest
 `n` first), and the tokens that followed earlier occurrences are proposed. Several distinct
-continuations are merged into one token tree (a trie), ranked by match length, then by how often their
-first token followed the n-gram, then by how recently. The index is updated incrementally as tokens are
-accepted, so a step costs the same whatever the context length.
+continuations are merged into one token tree (a trie), ranked by how likely their first token is (how
+often it followed the n-gram, calibrated per kind of match, see below), then by match length, then by how
+recently. The index is updated incrementally as tokens are accepted, so a step costs the same whatever
+the context length.
 
 With a cross-request `NGramMemory` (earlier generations, optionally seeded with the target's own answers
 to other prompts) the tree's remaining branches are filled from it, and every finished generation is
@@ -20,6 +21,8 @@ from pathlib import Path
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.drafters.memory import NGramMemory
 from specdec.tree import TokenTree
+
+_MAX_SCORE = 0.999  # a calibrated share is a probability: below 1
 
 
 class NGramIndex:
@@ -63,10 +66,14 @@ class NGramDrafter(Drafter):
             context come first; the memory fills the remaining branches.
         remember: add each finished generation's new tokens to `memory`.
 
-    Tree scores are log relative frequencies: for a node at depth k, the share of the matched n-gram's
-    occurrences (plus one pseudo-occurrence) whose continuation starts with the node's path. They play
-    the role a draft model's path probability plays, for ranking and confidence stops; verification
-    ignores them.
+    Tree scores are calibrated log relative frequencies: for a node at depth k, the share of the matched
+    n-gram's occurrences (plus one pseudo-occurrence) whose continuation starts with the node's path,
+    times the calibration of that kind of match (context or memory, n-gram length n): how often the first
+    tokens it proposed were the next token, over the shares they were given (discounted by `discount` per
+    proposal, with `prior_weight` pseudo-proposals at calibration 1; kept across generations). A single
+    earlier occurrence of a 4-gram predicts much better than a single occurrence of one token, and both
+    would otherwise score 1/2. Scores play the role a draft model's path probability plays, for ranking
+    and confidence stops; verification ignores them.
     """
 
     free = True  # an index lookup: asked even in fallback steps
@@ -81,6 +88,8 @@ class NGramDrafter(Drafter):
         recent: int = 8,
         memory: NGramMemory | str | Path | None = None,
         remember: bool = True,
+        discount: float = 0.995,
+        prior_weight: float = 2.0,
     ):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
@@ -91,17 +100,28 @@ class NGramDrafter(Drafter):
         self.index = NGramIndex(min_ngram, max_ngram, recent)
         self.memory = NGramMemory.from_pretrained(memory) if isinstance(memory, (str, Path)) else memory
         self.remember = remember
+        self.discount, self.prior_weight = discount, prior_weight
+        # kind of match ("context" | "memory", n) -> [first tokens that were the next token, shares promised]
+        self.match_stats: dict[tuple[str, int], list[float]] = {}
+        self._asked: tuple[int, list[tuple[tuple[str, int], int, float]]] | None = None  # the last proposal
 
     def start(self, target) -> None:
         if self.memory is not None:
             self.memory.check(target)
         self.index = NGramIndex(self.min_ngram, self.max_ngram, self.recent)
+        self._asked = None
 
     def finish(self, new_tokens: list[int]) -> None:
         if self.memory is not None and self.remember:
             self.memory.add(new_tokens)
 
+    def calibration(self, kind: tuple[str, int]) -> float:
+        """Measured first-token hits per promised share of one kind of match, e.g. `("context", 4)`."""
+        hits, promised = self.match_stats.get(kind, (0.0, 0.0))
+        return (hits + self.prior_weight) / (promised + self.prior_weight)
+
     def propose(self, state: DecodeState) -> TokenTree:
+        self._measure(state.tokens[0])
         self.index.extend(state.tokens[0, len(self.index.tokens) :].tolist())
         depth = min(self.depth, state.max_depth)
         if depth < 1:
@@ -117,29 +137,46 @@ class NGramDrafter(Drafter):
         return TokenTree.trie(state.root, sequences, scores, budget=budget)
 
     def candidates(self, depth: int) -> tuple[list[list[int]], list[list[float]]]:
-        """Up to `branches` distinct continuations, best first, with the log frequency of each prefix:
-        from the context, longest n-gram first, then from the memory."""
-        chosen: list[list[int]] = []
-        scores: list[list[float]] = []
+        """Up to `branches` distinct continuations, best first, with the calibrated log frequency of each
+        prefix: from the context, longest n-gram first, then (if branches are left) from the memory."""
+        found: list[tuple[list[int], list[float], tuple[str, int]]] = []  # continuation, shares, kind
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            if self._take(self.index.continuations(n, depth), chosen, scores):
-                return chosen, scores
-        if self.memory is not None:
-            self._take(self.memory.continuations(self.index.tokens, depth), chosen, scores)
-        return chosen, scores
+            if self._take(self.index.continuations(n, depth), ("context", n), found):
+                break
+        else:
+            if self.memory is not None:
+                n, continuations = self.memory.match(self.index.tokens, depth)
+                self._take(continuations, ("memory", n), found)
+        self._asked = (len(self.index.tokens), [(kind, cont[0], shares[0]) for cont, shares, kind in found])
+        scored = []
+        for cont, shares, kind in found:
+            factor = self.calibration(kind)
+            scored.append((cont, [math.log(min(p * factor, _MAX_SCORE)) for p in shares]))
+        scored.sort(key=lambda item: -item[1][0])  # stable: equally likely ones stay in match order
+        return [cont for cont, _ in scored], [scores for _, scores in scored]
 
-    def _take(self, found: list[list[int]], chosen: list[list[int]], scores: list[list[float]]) -> bool:
+    def _take(self, found: list[list[int]], kind: tuple[str, int], chosen: list[tuple]) -> bool:
         """Add the continuations of one n-gram (`found`, newest first) that are new, most frequent first
-        token first; True once `branches` are chosen."""
+        token first, with the relative frequency of each prefix; True once `branches` are chosen."""
         prefix_counts = Counter(tuple(c[:k]) for c in found for k in range(1, len(c) + 1))
         # the sort is stable, so ties stay newest first
         for cont in sorted(found, key=lambda c: -prefix_counts[tuple(c[:1])]):
-            if any(c[: len(cont)] == cont for c in chosen):
+            if any(c[: len(cont)] == cont for c, _, _ in chosen):
                 continue  # nothing new: equal to, or a prefix of, a continuation already chosen
-            chosen.append(cont)
             # +1: a pseudo-occurrence that continued otherwise, so a single match is not certainty
-            share = [prefix_counts[tuple(cont[:k])] / (len(found) + 1) for k in range(1, len(cont) + 1)]
-            scores.append([math.log(p) for p in share])
+            shares = [prefix_counts[tuple(cont[:k])] / (len(found) + 1) for k in range(1, len(cont) + 1)]
+            chosen.append((cont, shares, kind))
             if len(chosen) == self.branches:
                 return True
         return False
+
+    def _measure(self, tokens) -> None:
+        """Score the last proposal's first tokens against the token that followed its root."""
+        if self._asked is None or self._asked[0] >= len(tokens):
+            return
+        position, asked = self._asked
+        actual = int(tokens[position])
+        self._asked = None
+        for kind, first, share in asked:
+            hits, promised = self.match_stats.setdefault(kind, [0.0, 0.0])
+            self.match_stats[kind] = [self.discount * hits + (first == actual), self.discount * promised + share]
