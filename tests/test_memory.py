@@ -29,11 +29,9 @@ def test_lookups_equal_a_brute_force_scan():
     sequences = [[rng.randrange(6) for _ in range(rng.randrange(1, 30))] for _ in range(40)]
     one_by_one, at_once = NGramMemory(max_ngram=3, min_ngram=1, occurrences=10**6), NGramMemory(3, 1, 10**6)
     for seq in sequences:
-        one_by_one.add(seq)
-    at_once.add(sequences[0])
-    for seq in sequences[1:]:
-        at_once.add(seq)  # the first adds are bulk sorts, later ones insertions
-    assert len(one_by_one) == sum(map(len, sequences))
+        one_by_one.add(seq)  # the first adds are bulk sorts, later ones insertions
+    at_once.extend(sequences)
+    assert len(one_by_one) == len(at_once) == sum(map(len, sequences))
     for _ in range(200):
         context = [rng.randrange(7) for _ in range(rng.randrange(1, 6))]  # 6 never occurs: shorter n-grams
         expected = reference(sequences, context, 4, 3, 1)
@@ -68,6 +66,24 @@ def test_capacity_forgets_the_oldest_sequences():
     assert len(memory) == 8
     assert memory.continuations([1], 1) == [[8], [5]]
     assert memory.continuations([3], 1) == []
+
+
+def test_extend_keeps_what_adding_one_by_one_keeps():
+    rng = random.Random(1)
+    sequences = [[rng.randrange(5) for _ in range(rng.randrange(0, 12))] for _ in range(30)]
+    one_by_one, at_once = NGramMemory(max_ngram=2, capacity=50), NGramMemory(max_ngram=2, capacity=50)
+    for seq in sequences:
+        one_by_one.add(seq)
+    at_once.extend(seq for seq in sequences)  # any iterable; empty sequences are skipped by both
+    assert 40 < len(at_once) <= 50
+    assert (at_once._tokens, at_once._offset, at_once._entries) == (
+        one_by_one._tokens,
+        one_by_one._offset,
+        one_by_one._entries,
+    )
+    with pytest.raises(ValueError, match=">= 0"):
+        at_once.extend([[1, 2], [3, -4]])
+    assert at_once._tokens == one_by_one._tokens  # nothing of the refused batch was stored
 
 
 def test_save_and_load_round_trip(tmp_path):

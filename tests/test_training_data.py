@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny import VOCAB, tiny_model
 
 from training import data
 from training.data import collate, run_sharded
@@ -61,3 +62,20 @@ def test_generate_answers_reuses_answers_made_for_the_same_prompts(tmp_path, mon
     rows = data.generate_answers(second, None, tokenizer, [*prompts, {"source": "s", "text": "c"}], tmp_path / "2")
     assert generated == [[99]]  # only the new prompt
     assert [r["answer_ids"] for r in rows] == [[1097], [1098], [1099]]
+
+
+def test_generated_answers_are_greedy_with_their_top_k():
+    target = tiny_model("llama")
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]  # different lengths: the shorter one is left-padded
+    cfg = OmegaConf.create({"data": {"max_new_tokens": 6, "topk": 3}})
+    rows = data._generate_batch(target, prompts, pad=0, eos=VOCAB + 1, cfg=cfg)  # an EOS that never comes
+    for prompt, row in zip(prompts, rows, strict=True):
+        expected = target.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        assert row["answer_ids"] == expected[0, len(prompt) :].tolist()
+        assert [ids[0] for ids in row["topk_ids"]] == row["answer_ids"]  # the greedy token ranks first
+        assert all(len(lp) == 3 and lp == sorted(lp, reverse=True) for lp in row["topk_logprobs"])
+
+
+def test_resolve_device():
+    assert data.resolve_device("cpu") == torch.device("cpu")
+    assert data.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

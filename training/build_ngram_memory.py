@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from specdec.drafters import DecodeState, NGramDrafter, NGramMemory
 from specdec.drafters.composite import follow
 from specdec.models import load_model
-from training.data import collect_prompts, generate_answers
+from training.data import collect_prompts, generate_answers, resolve_device
 
 
 def replay(drafter: NGramDrafter, target, rows: list[dict], depth: int) -> float:
@@ -51,14 +51,14 @@ def replay(drafter: NGramDrafter, target, rows: list[dict], depth: int) -> float
 def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)
+    target = target.to(resolve_device(cfg.device))
     rows = generate_answers(cfg, target, tokenizer, collect_prompts(cfg), Path(cfg.data_cache) / "answers")
     kept, heldout = [r for r in rows if not r["heldout"]], [r for r in rows if r["heldout"]]
 
     memory = NGramMemory(**cfg.memory)
     memory.check(target)
     memory.base["model"] = cfg.target
-    for row in kept:
-        memory.add(row["answer_ids"])
+    memory.extend(row["answer_ids"] for row in kept)
     print(f"{len(memory)} tokens from {len(kept)} answers in the memory; replaying {len(heldout)} held-out answers")
 
     settings = dict(cfg.replay)

@@ -5,6 +5,7 @@
 - `generate_answers`: the target's own greedy answers with its top-k log-probabilities (self-distillation
   data), in resumable JSONL shards; `teacher_forced_rows`: the target's top-k on human-written answers.
 - `make_batches`, `collate`: length-bucketed batches and right-padded tensors with an answer mask.
+- `resolve_device`: where the frozen target runs (`device: auto` in the configs: a GPU when there is one).
 
 Rows are dicts: `prompt_ids`, `answer_ids`, `topk_ids`, `topk_logprobs`, `source`, `heldout`.
 """
@@ -22,7 +23,14 @@ from tqdm.auto import tqdm
 
 from specdec.chat import chat_input_ids, load_questions
 
-# ---------------------------------------------------------------- prompts
+# ---------------------------------------------------------------- prompts and device
+
+
+def resolve_device(name: str) -> torch.device:
+    """`"auto"`: the first CUDA device when there is one, else the CPU; otherwise `torch.device(name)`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _prompt_text(row: dict) -> str:
@@ -102,8 +110,8 @@ def known_answers(shard_dirs: list[Path]) -> dict[tuple[int, ...], dict]:
 def _generate_batch(target, prompts: list[list[int]], pad: int, eos: int, cfg: DictConfig) -> list[dict]:
     """Greedy answers, with the target's top-k log-probabilities at every answer position (the KD signal)."""
     width = max(map(len, prompts))
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=target.device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=target.device)
     out = target.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -112,8 +120,8 @@ def _generate_batch(target, prompts: list[list[int]], pad: int, eos: int, cfg: D
         return_dict_in_generate=True,
         output_logits=True,
     )
-    logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.logits], 1)  # [B, T, V]
-    top_lp, top_ids = logprobs.topk(cfg.data.topk, dim=-1)  # [B, T, k]
+    top = [torch.log_softmax(s.float(), -1).topk(cfg.data.topk, dim=-1) for s in out.logits]  # per step: [B, k]
+    top_lp, top_ids = (torch.stack(parts, 1).cpu() for parts in zip(*top, strict=True))  # [B, T, k]
     answers = []
     for i, row in enumerate(out.sequences[:, width:].tolist()):
         end = row.index(eos) + 1 if eos in row else len(row)  # keep the EOS: the draft must predict it too
@@ -161,7 +169,7 @@ def teacher_forced_rows(cfg: DictConfig, target, tokenizer, shard_dir: Path) -> 
 
 @torch.inference_mode()
 def _teacher_topk(target, batch: list[dict], pad: int, cfg: DictConfig) -> list[dict]:
-    input_ids, attention_mask, loss_mask = collate(batch, pad)
+    input_ids, attention_mask, loss_mask = (t.to(target.device) for t in collate(batch, pad))
     logits = target(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, T, V]
     out = []
     for i in range(len(batch)):

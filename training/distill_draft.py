@@ -33,7 +33,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with
 
 from specdec.models import load_model
 from training.checkpoints import resume, save_checkpoint
-from training.data import collate, collect_prompts, generate_answers, make_batches, pad_id, teacher_forced_rows
+from training.data import (
+    collate,
+    collect_prompts,
+    generate_answers,
+    make_batches,
+    pad_id,
+    resolve_device,
+    teacher_forced_rows,
+)
 
 # ---------------------------------------------------------------- stage 3: training
 
@@ -219,6 +227,7 @@ def main(cfg: DictConfig) -> None:
     prompts = collect_prompts(cfg)
     print(f"{len(prompts)} prompts from {len(cfg.data.sources)} sources")
     target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)  # the teacher for both data stages
+    target = target.to(resolve_device(cfg.device))
     rows = generate_answers(cfg, target, tokenizer, prompts, work / "answers")
     rows += teacher_forced_rows(cfg, target, tokenizer, work / "teacher_forced")
     del target

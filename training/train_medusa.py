@@ -40,7 +40,15 @@ from heads.medusa import ADAPTER_DIR, MedusaHeads
 from specdec.models import load_model
 from specdec.tree import best_choices
 from training.checkpoints import resume, save_checkpoint
-from training.data import collate, collect_prompts, generate_answers, make_batches, pad_id, teacher_forced_rows
+from training.data import (
+    collate,
+    collect_prompts,
+    generate_answers,
+    make_batches,
+    pad_id,
+    resolve_device,
+    teacher_forced_rows,
+)
 
 IGNORE = -100
 
@@ -89,10 +97,10 @@ def cache_features(target, rows: list[dict], num_heads: int, pad: int, batch_siz
         keep = (labels != IGNORE).any(-1)
         cached = load_file(shard) if shard.exists() else {}
         if "paths" not in cached:
-            input_ids, attention_mask, _ = collate(batch, pad)
+            input_ids, attention_mask, _ = (t.to(target.device) for t in collate(batch, pad))
             out = target(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
             tmp = shard.with_suffix(".tmp")
-            hidden = out.hidden_states[-1][keep].bfloat16().contiguous()
+            hidden = out.hidden_states[-1][keep.to(target.device)].bfloat16().cpu().contiguous()
             paths = head_paths(batch, num_heads, pad)[keep].contiguous()
             cached = {"hidden": hidden, "labels": labels[keep], "paths": paths}
             save_file(cached, tmp)
@@ -119,24 +127,26 @@ def heads_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tupl
 @torch.inference_mode()
 def rank_accuracy(heads: MedusaHeads, lm_head, embed, features: dict, topk: int, batch: int = 512) -> torch.Tensor:
     """`[K, topk]` share of held-out positions where head k's rank-r candidate is the right token (for
-    path-conditioned heads: given the right path; candidates only from the heads' draft vocabulary)."""
-    hits = torch.zeros(heads.config.num_heads, topk)
-    counts = torch.zeros(heads.config.num_heads, 1)
+    path-conditioned heads: given the right path; candidates only from the heads' draft vocabulary).
+    Runs where `lm_head` is."""
+    device = lm_head.weight.device
+    hits = torch.zeros(heads.config.num_heads, topk, device=device)
+    counts = torch.zeros(heads.config.num_heads, 1, device=device)
     outside = None  # tokens outside the heads' draft vocabulary, when they have one
     if heads.config.draft_vocab:
-        outside = torch.ones(heads.config.vocab_size, dtype=torch.bool)
-        outside[heads.vocab] = False
+        outside = torch.ones(heads.config.vocab_size, dtype=torch.bool, device=device)
+        outside[heads.vocab.to(device)] = False
     for i in range(0, len(features["labels"]), batch):
-        hidden = features["hidden"][i : i + batch].to(lm_head.weight.dtype)
-        labels = features["labels"][i : i + batch].T  # [K, M]
-        logits = heads(hidden, lm_head, features["paths"][i : i + batch], embed)  # [K, M, V]
+        hidden = features["hidden"][i : i + batch].to(device, lm_head.weight.dtype)
+        labels = features["labels"][i : i + batch].T.to(device)  # [K, M]
+        logits = heads(hidden, lm_head, features["paths"][i : i + batch].to(device), embed)  # [K, M, V]
         if outside is not None:
             logits[..., outside] = float("-inf")
         top = logits.topk(topk, dim=-1).indices  # [K, M, topk]
         valid = labels != IGNORE
         hits += ((top == labels.unsqueeze(-1)) & valid.unsqueeze(-1)).sum(1).float()
         counts += valid.sum(1, keepdim=True).float()
-    return hits / counts.clamp(min=1)
+    return (hits / counts.clamp(min=1)).cpu()
 
 
 # ---------------------------------------------------------------- training
@@ -255,7 +265,7 @@ def finish(
     """Held-out accuracies, the best tree shape for them, export and report (`target`: its LM head and input
     embeddings are read; `rows`: the training conversations, whose answers give the draft vocabulary)."""
     lm_head, embed = target.get_output_embeddings(), target.get_input_embeddings()
-    heads = heads.to(lm_head.weight.dtype)
+    heads = heads.to(lm_head.weight.device, lm_head.weight.dtype)
     if cfg.medusa.draft_vocab:
         full_vocab = rank_accuracy(heads, lm_head, embed, heldout, 1)[:, 0].tolist()
         heads.restrict_vocab(draft_vocab(rows, cfg.medusa.draft_vocab))
@@ -305,6 +315,7 @@ def main(cfg: DictConfig) -> None:
     work = Path(cfg.work_dir)
     torch.manual_seed(cfg.seed)
     target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)
+    target = target.to(resolve_device(cfg.device))
     rows = load_rows(cfg, target, tokenizer)
     pad = pad_id(tokenizer)
     train_rows, heldout_rows = [r for r in rows if not r["heldout"]], [r for r in rows if r["heldout"]]
@@ -326,7 +337,7 @@ def main(cfg: DictConfig) -> None:
         metrics = finish(cfg, heads, frozen, heldout, log, extra, train_rows)
     else:  # Medusa-2: LoRA on a trainable fp32 copy of the target, trained with the heads
         del target
-        target, _ = load_model(cfg.target, dtype="fp32")
+        target, _ = load_model(cfg.target, dtype="fp32")  # accelerate moves the trainable copy
         lora = LoraConfig(
             r=cfg.medusa.lora_rank, lora_alpha=cfg.medusa.lora_alpha, target_modules=list(cfg.medusa.lora_targets)
         )

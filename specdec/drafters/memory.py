@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -62,14 +63,20 @@ class NGramMemory:
 
     def add(self, sequence: list[int]) -> None:
         """Remember one sequence (e.g. a generation's new tokens)."""
-        sequence = [int(t) for t in sequence]
-        if not sequence:
-            return
-        if min(sequence) < 0:
-            raise ValueError("token ids must be >= 0")
-        start = self._offset + len(self._tokens)
-        self._tokens += [*sequence, _SEP]
-        new = [self._entry(p) for p in range(start, start + len(sequence))]
+        self.extend([sequence])
+
+    def extend(self, sequences: Iterable[list[int]]) -> None:
+        """Remember several sequences, in order: the same memory as `add` on each, built with one sort
+        (a memory of millions of tokens is built in seconds, not hours)."""
+        sequences = [s for s in ([int(t) for t in sequence] for sequence in sequences) if s]
+        if any(min(sequence) < 0 for sequence in sequences):
+            raise ValueError("token ids must be >= 0")  # before anything is stored
+        positions = []
+        for sequence in sequences:
+            start = self._offset + len(self._tokens)
+            self._tokens += [*sequence, _SEP]
+            positions += range(start, start + len(sequence))
+        new = [self._entry(p) for p in positions]
         if len(new) > len(self._entries) // 8:
             self._entries = sorted(self._entries + new)
         else:
