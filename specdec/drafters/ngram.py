@@ -178,5 +178,5 @@ class NGramDrafter(Drafter):
         actual = int(tokens[position])
         self._asked = None
         for kind, first, share in asked:
-            hits, promised = self.match_stats.setdefault(kind, [0.0, 0.0])
+            hits, promised = self.match_stats.get(kind, (0.0, 0.0))
             self.match_stats[kind] = [self.discount * hits + (first == actual), self.discount * promised + share]
