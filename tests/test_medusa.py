@@ -137,6 +137,22 @@ def test_loading_onto_another_model_is_a_clear_error(tmp_path):
         MedusaHeads.from_pretrained(tmp_path / "nothing", target)
 
 
+def test_training_can_start_from_trained_heads_of_the_same_shape(tmp_path):
+    target = tiny_model("llama")
+    trained = random_heads(target, path_inputs=True)
+    trained.restrict_vocab(torch.tensor([5, 9, 3]))
+    trained.save_pretrained(tmp_path)
+    heads = train_medusa.initialised_from(MedusaHeads.for_model(target, 4, path_inputs=True), tmp_path, target)
+    assert heads.config.draft_vocab == 0 and heads.choices is None  # chosen again at export
+    hidden, path = torch.randn(3, 64), torch.randint(0, VOCAB, (3, 4))
+    lm_head, embed = target.get_output_embeddings(), target.get_input_embeddings()
+    torch.testing.assert_close(heads(hidden, lm_head, path, embed), trained(hidden, lm_head, path, embed))
+    with pytest.raises(ValueError, match="path_inputs"):
+        train_medusa.initialised_from(MedusaHeads.for_model(target, 4), tmp_path, target)
+    with pytest.raises(ValueError, match="fingerprint"):
+        train_medusa.initialised_from(MedusaHeads.for_model(target, 4, path_inputs=True), tmp_path, tiny_model(seed=5))
+
+
 def test_fingerprint_survives_a_dtype_change(tmp_path):
     target = tiny_model("llama")
     random_heads(target).save_pretrained(tmp_path)

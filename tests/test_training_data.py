@@ -6,7 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from tiny import VOCAB, tiny_model
+from transformers import AutoTokenizer
 
+from specdec.models import ASSETS, BUILTIN_DRAFT
 from training import data
 from training.data import collate, run_sharded
 
@@ -79,3 +81,48 @@ def test_generated_answers_are_greedy_with_their_top_k():
 def test_resolve_device():
     assert data.resolve_device("cpu") == torch.device("cpu")
     assert data.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_self_prompts_are_the_targets_finished_user_turns_once_each(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / BUILTIN_DRAFT)  # the target's tokenizer and chat template
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    texts = [
+        "Write a short poem about the sea.",  # kept
+        "Write a short poem about the sea.",  # the same text again: dropped
+        "Hi there",  # under 3 words: dropped
+        "Explain how a bicycle stays upright when it rolls fast",  # no end of turn before the limit: dropped
+    ]
+    calls = []
+
+    def generate(input_ids, attention_mask, **settings):
+        calls.append((input_ids, settings))
+        rows = [[*tokenizer(t, add_special_tokens=False).input_ids, end] for t in texts]
+        rows[3] = rows[3][:-1]  # cut at the token limit: the longest row, the others end and are padded
+        width = len(rows[3])
+        new = torch.tensor([r + [end] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new[: len(input_ids)]], dim=1)
+
+    target = SimpleNamespace(device=torch.device("cpu"), generate=generate)
+    cfg = OmegaConf.create({"seed": 0, "data": {"gen_batch_size": 4, "self_prompt_tokens": 16}})
+    kept = data.self_prompts(cfg, target, tokenizer, 4, tmp_path)
+    assert kept == ["Write a short poem about the sea."]
+    input_ids, settings = calls[0]
+    assert tokenizer.decode(input_ids[0]).endswith("<|im_end|>\n<|im_start|>user\n")  # the user turn starts
+    assert settings["do_sample"] and settings["eos_token_id"] == end and settings["max_new_tokens"] == 16
+    assert data.self_prompts(cfg, target, tokenizer, 4, tmp_path) == kept and len(calls) == 1  # resumed
+
+
+def test_self_prompts_need_the_target_and_a_chat_template(tmp_path):
+    cfg = OmegaConf.create(
+        {"seed": 0, "data_dir": str(tmp_path), "data_cache": str(tmp_path), "data": {"sources": {}, "self_prompts": 8}}
+    )
+    with pytest.raises(ValueError, match="needs the target"):
+        data.collect_prompts(cfg)
+    tokenizer = SimpleNamespace(chat_template=None)
+    with pytest.raises(ValueError, match="chat template"):
+        data.self_prompts(cfg, tiny_model("llama"), tokenizer, 8, tmp_path)
+
+
+def test_known_answers_read_shards_kept_without_top_k(tmp_path):
+    (tmp_path / "00000.jsonl").write_text('{"prompt_ids": [1, 2], "answer_ids": [3, 4]}\n')
+    assert data.known_answers([tmp_path]) == {(1, 2): {"answer_ids": [3, 4]}}

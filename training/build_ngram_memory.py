@@ -52,7 +52,8 @@ def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)
     target = target.to(resolve_device(cfg.device))
-    rows = generate_answers(cfg, target, tokenizer, collect_prompts(cfg), Path(cfg.data_cache) / "answers")
+    prompts = collect_prompts(cfg, target, tokenizer)
+    rows = generate_answers(cfg, target, tokenizer, prompts, Path(cfg.data_cache) / "answers")
     kept, heldout = [r for r in rows if not r["heldout"]], [r for r in rows if r["heldout"]]
 
     memory = NGramMemory(**cfg.memory)

@@ -1,7 +1,8 @@
 """Training data shared by the training apps: prompts from ../shared/data and the target's answers.
 
 - `collect_prompts`: instruction, roleplay, tool-use, code and math prompts (never the dev question
-  files or HumanEval, and nothing equal to a dev question), shuffled with a seed.
+  files or HumanEval, and nothing equal to a dev question), shuffled with a seed; optionally prompts the
+  target writes itself (`self_prompts`: general chat requests from the chat template's user turn).
 - `generate_answers`: the target's own greedy answers with its top-k log-probabilities (self-distillation
   data), in resumable JSONL shards; `teacher_forced_rows`: the target's top-k on human-written answers.
 - `make_batches`, `collate`: length-bucketed batches and right-padded tensors with an answer mask.
@@ -57,8 +58,15 @@ def evaluation_prompts(cfg: DictConfig) -> set[str]:
     return {turn.strip() for path in dev_files for q in load_questions(path) for turn in q["turns"]}
 
 
-def collect_prompts(cfg: DictConfig) -> list[dict]:
-    """Training prompts from the configured sources, minus anything equal to an evaluation question."""
+SELF_PROMPTS = "self_prompts"  # the source name of prompts the target wrote
+
+
+def collect_prompts(cfg: DictConfig, target=None, tokenizer=None) -> list[dict]:
+    """Training prompts from the configured sources, minus anything equal to an evaluation question.
+
+    `data.self_prompts` (a number of tries, 0 or absent: none) adds prompts the target writes itself
+    (`self_prompts`, kept under `data_cache`, else `work_dir`); that needs `target` and `tokenizer`.
+    """
     data_dir = Path(cfg.data_dir)
     evaluation = evaluation_prompts(cfg)
     prompts = []
@@ -66,8 +74,65 @@ def collect_prompts(cfg: DictConfig) -> list[dict]:
         rows = load_dataset("json", data_files=str(data_dir / name), split="train")
         rows = rows.shuffle(seed=cfg.seed).select(range(min(count, len(rows))))
         prompts += [{"source": name, "text": t} for t in map(_prompt_text, rows) if t.strip() not in evaluation]
+    tries = cfg.data.get(SELF_PROMPTS) or 0
+    if tries:
+        if target is None or tokenizer is None:
+            raise ValueError("data.self_prompts needs the target and its tokenizer: pass them to collect_prompts")
+        cache = Path(cfg.get("data_cache") or cfg.work_dir) / SELF_PROMPTS
+        texts = self_prompts(cfg, target, tokenizer, tries, cache)
+        prompts += [{"source": SELF_PROMPTS, "text": t} for t in texts if t not in evaluation]
     random.Random(cfg.seed).shuffle(prompts)
     return prompts[: cfg.data.limit] if cfg.data.limit else prompts
+
+
+def self_prompts(cfg: DictConfig, target, tokenizer, tries: int, shard_dir: Path) -> list[str]:
+    """User requests the target writes itself: its chat template up to the user's message is the prompt, and
+    what the target samples there (until its end-of-turn token) is a request in its own chat distribution
+    (the Magpie method). No data set needed, and it covers general chat, which the files here barely do.
+
+    `tries` requests are sampled (`data.gen_batch_size` a shard, seeded per shard, resumable); kept are the
+    finished ones (end-of-turn before `data.self_prompt_tokens`) of 3 to 200 words, each text once.
+
+    Raises:
+        ValueError: the tokenizer has no chat template (there is no user turn to start).
+    """
+    if tokenizer.chat_template is None:
+        raise ValueError("data.self_prompts needs a chat model: the tokenizer has no chat template")
+    marker = "\x00MESSAGE\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    prefix = tokenizer(text[: text.index(marker)], add_special_tokens=False).input_ids
+    end_of_turn = tokenizer(text[text.index(marker) + len(marker) :], add_special_tokens=False).input_ids[0]
+    size = cfg.data.gen_batch_size
+    batches = [[{"prompt_ids": prefix, "shard": i // size}] * min(size, tries - i) for i in range(0, tries, size)]
+
+    @torch.inference_mode()
+    def write(batch: list[dict]) -> list[dict]:
+        torch.manual_seed(cfg.seed * 1_000_003 + batch[0]["shard"])  # a resumed run writes the same shards
+        input_ids = torch.tensor([prefix] * len(batch), device=target.device)
+        out = target.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=True,
+            temperature=cfg.data.get("self_prompt_temperature", 1.0),
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=cfg.data.get("self_prompt_tokens", 128),
+            eos_token_id=end_of_turn,
+            pad_token_id=pad_id(tokenizer),
+        )
+        rows = []
+        for row in out[:, len(prefix) :].tolist():
+            finished = end_of_turn in row
+            text = tokenizer.decode(row[: row.index(end_of_turn)] if finished else row, skip_special_tokens=True)
+            rows.append({"text": text.strip(), "finished": finished})
+        return rows
+
+    seen, kept = set(), []
+    for row in run_sharded(batches, shard_dir, "self-written prompts", write):
+        if row["finished"] and 3 <= len(row["text"].split()) <= 200 and row["text"] not in seen:
+            seen.add(row["text"])
+            kept.append(row["text"])
+    return kept
 
 
 # ---------------------------------------------------------------- the target's answers
@@ -95,14 +160,18 @@ def generate_answers(cfg: DictConfig, target, tokenizer, prompts: list[dict], sh
     return run_sharded(batches, shard_dir, "target answers", answer)
 
 
+ANSWER_FIELDS = ("answer_ids", "topk_ids", "topk_logprobs")
+
+
 def known_answers(shard_dirs: list[Path]) -> dict[tuple[int, ...], dict]:
     """Answers already generated (by this config or another, e.g. a smaller data set), by prompt ids: a
-    config that adds prompts to an earlier one generates only the new prompts' answers."""
+    config that adds prompts to an earlier one generates only the new prompts' answers. Shards kept without
+    the top-k fields (only Medusa-2 and draft distillation read them) give answers without them."""
     known = {}
     for shard in sorted(p for d in shard_dirs for p in d.glob("*.jsonl")):
         for line in shard.open():
             row = json.loads(line)
-            known[tuple(row["prompt_ids"])] = {k: row[k] for k in ("answer_ids", "topk_ids", "topk_logprobs")}
+            known[tuple(row["prompt_ids"])] = {k: row[k] for k in ANSWER_FIELDS if k in row}
     return known
 
 

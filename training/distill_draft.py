@@ -224,10 +224,10 @@ def write_report(cfg: DictConfig, metrics: dict) -> None:
 @hydra.main(config_path="../conf", config_name="distill_draft", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     work = Path(cfg.work_dir)
-    prompts = collect_prompts(cfg)
-    print(f"{len(prompts)} prompts from {len(cfg.data.sources)} sources")
     target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)  # the teacher for both data stages
     target = target.to(resolve_device(cfg.device))
+    prompts = collect_prompts(cfg, target, tokenizer)
+    print(f"{len(prompts)} prompts from {len(cfg.data.sources)} sources")
     rows = generate_answers(cfg, target, tokenizer, prompts, work / "answers")
     rows += teacher_forced_rows(cfg, target, tokenizer, work / "teacher_forced")
     del target

@@ -247,7 +247,7 @@ def load_rows(cfg: DictConfig, target, tokenizer) -> list[dict]:
     cache = Path(cfg.data_cache)
     rows = []
     if cfg.data.self_distill:
-        rows += generate_answers(cfg, target, tokenizer, collect_prompts(cfg), cache / "answers")
+        rows += generate_answers(cfg, target, tokenizer, collect_prompts(cfg, target, tokenizer), cache / "answers")
     rows += teacher_forced_rows(cfg, target, tokenizer, cache / "teacher_forced")
     return rows
 
@@ -324,6 +324,8 @@ def main(cfg: DictConfig) -> None:
     heads = MedusaHeads.for_model(
         target, k, cfg.medusa.num_layers, cfg.medusa.shared_lm_head, name=cfg.target, path_inputs=cfg.medusa.path_inputs
     )
+    if cfg.get("init_from"):
+        heads = initialised_from(heads, cfg.init_from, target)
     heads = heads.float()
     if not cfg.medusa.lora:  # Medusa-1: the frozen target runs once, to cache its hidden states
         batch = cfg.data.feature_batch_size
@@ -352,6 +354,27 @@ def main(cfg: DictConfig) -> None:
     (work / "train_log.json").write_text(json.dumps(log, indent=1))
     print(json.dumps({key: v for key, v in metrics.items() if key not in ("command_overrides", "heads")}, indent=2))
     print(f"heads written to {cfg.output_dir}")
+
+
+def initialised_from(heads: MedusaHeads, name_or_dir: str, target) -> MedusaHeads:
+    """`heads` (new, of this config's shape) with the weights of trained heads for `target`: training then
+    fine-tunes them, e.g. on new data. Their draft vocabulary and tree shape are not kept: both are chosen
+    again from this run's data at export.
+
+    Raises:
+        ValueError: the trained heads belong to another model or have another shape than this config's.
+    """
+    trained = MedusaHeads.from_pretrained(name_or_dir, target)
+    shape = ("num_heads", "num_layers", "shared_lm_head", "path_inputs")
+    theirs, ours = ([getattr(h.config, key) for key in shape] for h in (trained, heads))
+    if theirs != ours:
+        raise ValueError(
+            f"init_from={name_or_dir!r} has {dict(zip(shape, theirs, strict=True))}, this config "
+            f"{dict(zip(shape, ours, strict=True))}: set the medusa.* keys to the trained heads' values"
+        )
+    state = {key: value for key, value in trained.state_dict().items() if key != "vocab"}
+    heads.load_state_dict(state)  # new heads have no draft vocabulary: the shapes above fix every other key
+    return heads
 
 
 def plain_copy(model):
