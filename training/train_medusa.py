@@ -285,18 +285,27 @@ def finish(
         "expected_accepted_length": 1 + _expected_accepted(accuracy, choices),
         "train_tokens_per_s": log[-1]["tokens_per_s"] if log else None,
         "final_loss": log[-1]["loss"] if log else None,
+        "config_name": HydraConfig.get().job.config_name,
+        "init_from": cfg.get("init_from"),
         "command_overrides": list(HydraConfig.get().overrides.task),
         **extra,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    overrides = " ".join(metrics["command_overrides"]) or "(no overrides)"
+    command = reproduce_command(metrics["config_name"], metrics["command_overrides"])
     (out / "README.md").write_text(
         f"# {out.name}\n\nMedusa heads for `{cfg.target}` trained by `training/train_medusa.py`.\n\n"
-        f"Reproduce: `.venv/bin/python -m training.train_medusa {overrides}`\n\n"
+        f"Reproduce: `{command}`\n\n"
         f"Measured at export: `metrics.json` (per-head accuracy on held-out self-generated answers, the tree "
         f"shape chosen from it, training speed).\n"
     )
     return metrics
+
+
+def reproduce_command(config_name: str, overrides: list[str]) -> str:
+    """The command that trains these heads again: the run's config (named when not the default one, e.g.
+    `finetune_medusa`) and its command-line overrides."""
+    config = [] if config_name == "train_medusa" else ["--config-name", config_name]
+    return " ".join([".venv/bin/python -m training.train_medusa", *config, *overrides])
 
 
 def _expected_accepted(accuracy: torch.Tensor, choices: list[tuple[int, ...]]) -> float:
