@@ -153,14 +153,6 @@ def test_training_can_start_from_trained_heads_of_the_same_shape(tmp_path):
         train_medusa.initialised_from(MedusaHeads.for_model(target, 4, path_inputs=True), tmp_path, tiny_model(seed=5))
 
 
-def test_exported_heads_name_the_config_that_reproduces_them():
-    base = ".venv/bin/python -m training.train_medusa"
-    assert train_medusa.reproduce_command("train_medusa", []) == base
-    assert train_medusa.reproduce_command("finetune_medusa", ["train.lr=1e-4"]) == (
-        f"{base} --config-name finetune_medusa train.lr=1e-4"
-    )
-
-
 def test_fingerprint_survives_a_dtype_change(tmp_path):
     target = tiny_model("llama")
     random_heads(target).save_pretrained(tmp_path)

@@ -83,6 +83,16 @@ def test_resolve_device():
     assert data.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_exported_outputs_name_the_config_that_reproduces_them():
+    assert data.reproduce_command("train_medusa", "train_medusa", []) == ".venv/bin/python -m training.train_medusa"
+    assert data.reproduce_command("train_medusa", "finetune_medusa", ["train.lr=1e-4"]) == (
+        ".venv/bin/python -m training.train_medusa --config-name finetune_medusa train.lr=1e-4"
+    )
+    assert data.reproduce_command("distill_draft", "distill_draft", ["seed=1"]) == (
+        ".venv/bin/python -m training.distill_draft seed=1"
+    )
+
+
 def test_self_prompts_are_the_targets_finished_user_turns_once_each(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(ASSETS / BUILTIN_DRAFT)  # the target's tokenizer and chat template
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")

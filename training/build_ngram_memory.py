@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from specdec.drafters import DecodeState, NGramDrafter, NGramMemory
 from specdec.drafters.composite import follow
 from specdec.models import load_model
-from training.data import collect_prompts, generate_answers, resolve_device
+from training.data import collect_prompts, generate_answers, reproduce_command, resolve_device
 
 
 def replay(drafter: NGramDrafter, target, rows: list[dict], depth: int) -> float:
@@ -84,7 +84,7 @@ def main(cfg: DictConfig) -> None:
     (out / "README.md").write_text(
         f"# {out.name}\n\nCross-request n-gram memory for `{cfg.target}`: its own greedy answers to "
         f"{len(kept)} training prompts ({len(memory)} tokens), built by `training/build_ngram_memory.py`.\n\n"
-        f"Reproduce: `{' '.join(['.venv/bin/python -m training.build_ngram_memory', *overrides])}`\n\n"
+        f"Reproduce: `{reproduce_command('build_ngram_memory', HydraConfig.get().job.config_name, overrides)}`\n\n"
         f'Use: `NGramDrafter(memory="{out.name}")`. Measured at build time (`metrics.json`): replaying '
         f"{len(heldout)} held-out answers, greedy decoding gains {context_only:.2f} tokens per step from "
         f"the context alone and {with_memory:.2f} with this memory.\n"

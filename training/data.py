@@ -7,6 +7,7 @@
   data), in resumable JSONL shards; `teacher_forced_rows`: the target's top-k on human-written answers.
 - `make_batches`, `collate`: length-bucketed batches and right-padded tensors with an answer mask.
 - `resolve_device`: where the frozen target runs (`device: auto` in the configs: a GPU when there is one).
+- `reproduce_command`: the command line an app's exported README gives to make its output again.
 
 Rows are dicts: `prompt_ids`, `answer_ids`, `topk_ids`, `topk_logprobs`, `source`, `heldout`.
 """
@@ -32,6 +33,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def reproduce_command(app: str, config_name: str, overrides: list[str]) -> str:
+    """The command that runs training app `app` (its module under training/, whose default config has the
+    same name) again: the run's config, named when it is another one (e.g. `finetune_medusa`), and its
+    command-line overrides."""
+    config = [] if config_name == app else ["--config-name", config_name]
+    return " ".join([f".venv/bin/python -m training.{app}", *config, *overrides])
 
 
 def _prompt_text(row: dict) -> str:

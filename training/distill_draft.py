@@ -39,6 +39,7 @@ from training.data import (
     generate_answers,
     make_batches,
     pad_id,
+    reproduce_command,
     resolve_device,
     teacher_forced_rows,
 )
@@ -213,10 +214,10 @@ def export(cfg: DictConfig, draft, tokenizer) -> None:
 def write_report(cfg: DictConfig, metrics: dict) -> None:
     out = Path(cfg.output_dir)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    overrides = " ".join(a for a in metrics["command_overrides"]) or "(no overrides)"
+    command = reproduce_command("distill_draft", HydraConfig.get().job.config_name, metrics["command_overrides"])
     (out / "README.md").write_text(
         f"# {out.name}\n\nA draft model for `{cfg.target}` distilled from it by `training/distill_draft.py`.\n\n"
-        f"Reproduce: `.venv/bin/python -m training.distill_draft {overrides}`\n\n"
+        f"Reproduce: `{command}`\n\n"
         f"Measured at export: see `metrics.json` (top-1 agreement on held-out answers, per-token cost).\n"
     )
 

@@ -46,6 +46,7 @@ from training.data import (
     generate_answers,
     make_batches,
     pad_id,
+    reproduce_command,
     resolve_device,
     teacher_forced_rows,
 )
@@ -291,7 +292,7 @@ def finish(
         **extra,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    command = reproduce_command(metrics["config_name"], metrics["command_overrides"])
+    command = reproduce_command("train_medusa", metrics["config_name"], metrics["command_overrides"])
     (out / "README.md").write_text(
         f"# {out.name}\n\nMedusa heads for `{cfg.target}` trained by `training/train_medusa.py`.\n\n"
         f"Reproduce: `{command}`\n\n"
@@ -299,13 +300,6 @@ def finish(
         f"shape chosen from it, training speed).\n"
     )
     return metrics
-
-
-def reproduce_command(config_name: str, overrides: list[str]) -> str:
-    """The command that trains these heads again: the run's config (named when not the default one, e.g.
-    `finetune_medusa`) and its command-line overrides."""
-    config = [] if config_name == "train_medusa" else ["--config-name", config_name]
-    return " ".join([".venv/bin/python -m training.train_medusa", *config, *overrides])
 
 
 def _expected_accepted(accuracy: torch.Tensor, choices: list[tuple[int, ...]]) -> float:
