@@ -93,6 +93,14 @@ def test_exported_outputs_name_the_config_that_reproduces_them():
     )
 
 
+def test_training_refuses_a_data_set_that_is_all_held_out():
+    rows = [{"prompt_ids": [i], "heldout": i < 2} for i in range(3)]
+    train, heldout = data.split_heldout(rows, 2)
+    assert [r["prompt_ids"] for r in train] == [[2]] and [r["prompt_ids"] for r in heldout] == [[0], [1]]
+    with pytest.raises(ValueError, match=r"data\.heldout=96"):
+        data.split_heldout([{"prompt_ids": [1], "heldout": True}], 96)
+
+
 def test_self_prompts_are_the_targets_finished_user_turns_once_each(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(ASSETS / BUILTIN_DRAFT)  # the target's tokenizer and chat template
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")

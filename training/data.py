@@ -7,6 +7,7 @@
   data), in resumable JSONL shards; `teacher_forced_rows`: the target's top-k on human-written answers.
 - `make_batches`, `collate`: length-bucketed batches and right-padded tensors with an answer mask.
 - `resolve_device`: where the frozen target runs (`device: auto` in the configs: a GPU when there is one).
+- `split_heldout`: training and held-out rows.
 - `reproduce_command`: the command line an app's exported README gives to make its output again.
 
 Rows are dicts: `prompt_ids`, `answer_ids`, `topk_ids`, `topk_logprobs`, `source`, `heldout`.
@@ -41,6 +42,17 @@ def reproduce_command(app: str, config_name: str, overrides: list[str]) -> str:
     command-line overrides."""
     config = [] if config_name == app else ["--config-name", config_name]
     return " ".join([f".venv/bin/python -m training.{app}", *config, *overrides])
+
+
+def split_heldout(rows: list[dict], heldout: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows). Raises ValueError when nothing is left to train on."""
+    train = [r for r in rows if not r["heldout"]]
+    if not train:
+        raise ValueError(
+            f"all {len(rows)} conversations are held out (data.heldout={heldout}): lower data.heldout or use "
+            f"more data (data.limit, data.max_generated_batches)"
+        )
+    return train, [r for r in rows if r["heldout"]]
 
 
 def _prompt_text(row: dict) -> str:

@@ -41,6 +41,7 @@ from training.data import (
     pad_id,
     reproduce_command,
     resolve_device,
+    split_heldout,
     teacher_forced_rows,
 )
 
@@ -232,7 +233,7 @@ def main(cfg: DictConfig) -> None:
     rows = generate_answers(cfg, target, tokenizer, prompts, work / "answers")
     rows += teacher_forced_rows(cfg, target, tokenizer, work / "teacher_forced")
     del target
-    train_rows, heldout = [r for r in rows if not r["heldout"]], [r for r in rows if r["heldout"]]
+    train_rows, heldout = split_heldout(rows, cfg.data.heldout)
     answer_tokens = sum(len(r["answer_ids"]) for r in train_rows)
     print(f"{len(train_rows)} training conversations ({answer_tokens} answer tokens), {len(heldout)} held out")
 

@@ -48,6 +48,7 @@ from training.data import (
     pad_id,
     reproduce_command,
     resolve_device,
+    split_heldout,
     teacher_forced_rows,
 )
 
@@ -321,7 +322,7 @@ def main(cfg: DictConfig) -> None:
     target = target.to(resolve_device(cfg.device))
     rows = load_rows(cfg, target, tokenizer)
     pad = pad_id(tokenizer)
-    train_rows, heldout_rows = [r for r in rows if not r["heldout"]], [r for r in rows if r["heldout"]]
+    train_rows, heldout_rows = split_heldout(rows, cfg.data.heldout)
     print(f"{len(train_rows)} training conversations, {len(heldout_rows)} held out")
     k = cfg.medusa.num_heads
     heads = MedusaHeads.for_model(
