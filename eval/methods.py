@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from heads.medusa import MedusaHeads
@@ -68,7 +69,8 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
         elif name == "hf_prompt_lookup":
             methods[name] = _hf(target, {**settings, "prompt_lookup_num_tokens": cfg.prompt_lookup_num_tokens})
         elif name in drafters:
-            generator = SpeculativeGenerator(target, drafters[name](), Controller() if cfg.controller else None)
+            controller = Controller(instantiate(cfg.control)) if cfg.controller else None
+            generator = SpeculativeGenerator(target, drafters[name](), controller)
             methods[name] = _specdec(generator, settings)
         else:
             raise ValueError(

@@ -9,6 +9,7 @@ same command resumes: questions already answered by a method are skipped.
 Run: .venv/bin/python -m eval.run [questions=PATH] [per_category=N] [max_new_tokens=N] [dtype=fp32|bf16]
                                  [temperature=T] [seed=N]
                                  [methods=[baseline,draft,...]] [out_dir=PATH]
+                                 [controller=true|false] [control.max_budget=N ...]
 """
 
 from __future__ import annotations

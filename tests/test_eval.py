@@ -138,3 +138,16 @@ def test_ngram_memory_method_stays_identical_and_refuses_another_models_memory(s
     assert summary["ngram_memory"]["identical_share"] == 1.0 and summary["ngram_memory"]["questions"] == 3
     with pytest.raises(ValueError, match="fingerprint"):  # the built-in memory holds the real target's outputs
         run(config(setup, methods="[baseline,ngram_memory]", extra=(f"out_dir={setup[3] / 'builtin-memory'}",)))
+
+
+def test_control_group_sets_the_controller(setup):
+    def longest(out: str, extra=()) -> int:
+        """The longest accepted run when the target drafts for itself, with no confidence threshold."""
+        no_threshold = ("control.initial_threshold=1e-12", "control.min_threshold=1e-12")
+        extra = (f"draft={setup[0]}", f"out_dir={setup[3] / out}", *no_threshold, *extra)
+        run(config(setup, methods="[baseline,draft]", extra=extra))
+        records = lines(setup[3] / out / "answers" / "draft.jsonl")
+        return max(n for r in records for turn in r["choices"][0]["accept_lengths"] for n in turn)
+
+    assert longest("control-default") > 2  # every draft token is accepted
+    assert longest("control-depth1", extra=("control.max_depth=1",)) == 2  # one draft token + the bonus token
