@@ -12,7 +12,7 @@ from tiny import ARCHS, VOCAB, tiny_model
 
 import specdec
 from heads.medusa import CONFIG_FILE, MedusaHeads, load_medusa2
-from specdec.drafters import Composite, MedusaDrafter, NGramDrafter
+from specdec.drafters import Composite, MedusaDrafter, NGramDrafter, medusa
 from specdec.drafters.base import DecodeState
 from specdec.tree import best_choices
 from training import train_medusa
@@ -219,6 +219,34 @@ def test_path_heads_fill_each_node_with_the_top_candidates_for_its_own_path():
     small = drafter.propose(DecodeState(PROMPT, max_depth=4, budget=3, hidden=hidden))
     assert len(small) == 4 and small.tokens.tolist() == tree.tokens[:4].tolist()  # the first choices come first
     assert len(drafter.propose(DecodeState(PROMPT, max_depth=4, budget=0, hidden=hidden))) == 1
+
+
+def test_path_heads_skip_children_below_the_threshold_and_build_the_same_tree(monkeypatch):
+    target = tiny_model("llama")
+    heads = random_heads(target, num_heads=3, scale=0.5, path_inputs=True)
+    drafter = MedusaDrafter(heads, choices=TREE[:8])
+    drafter.start(target)
+    hidden = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    calls = []
+    head_features = heads.head_features
+    monkeypatch.setattr(heads, "head_features", lambda k, *args: calls.append(k) or head_features(k, *args))
+    full = drafter.propose(DecodeState(PROMPT, max_depth=4, budget=7, hidden=hidden))  # no threshold
+    assert calls == [0, 1, 2]
+    probs = sorted(full.scores[1:].exp().tolist())
+    head_calls = set()
+    between = [(a * b) ** 0.5 for a, b in itertools.pairwise(probs)]  # no threshold ties with a node's score
+    for threshold in [probs[0] / 2, *between, min(2 * probs[-1], 0.999)]:
+        calls.clear()
+        state = DecodeState(PROMPT, max_depth=4, budget=7, threshold=threshold, hidden=hidden)
+        tree = drafter.propose(state)
+        trimmed = medusa._trim(full, state)  # the full tree trimmed afterwards: what pruning must not change
+        assert tree.tokens.tolist() == trimmed.tokens.tolist() and tree.parents.tolist() == trimmed.parents.tolist()
+        assert torch.allclose(tree.scores, trimmed.scores)
+        parents = full.parents[1:].unique().tolist()
+        expanded = sorted({int(full.depth[p]) for p in parents if p == 0 or full.scores[p] >= state.min_score})
+        assert calls == expanded  # a head runs only where some parent reaches the threshold
+        head_calls.add(len(calls))
+    assert head_calls == {1, 2, 3}  # from the root's children only to the full depth
 
 
 # ---------------------------------------------------------------- exactness

@@ -86,12 +86,14 @@ class MedusaDrafter(Drafter):
 
     def _path_tree(self, state: DecodeState, choices: list[tuple[int, ...]]) -> TokenTree:
         """The `choices` tree for path-conditioned heads: depth by depth, head `d` runs once on the paths of
-        all depth-`d` nodes that have children (path = root + the node's tokens)."""
+        all depth-`d` nodes that have children (path = root + the node's tokens). A node below the plan's
+        threshold gets no children: theirs would score lower still, and `_trim` would drop them (so each
+        depth that nothing reaches saves a head call)."""
         paths: dict[tuple[int, ...], list[int]] = {(): [state.root]}
-        scores: dict[tuple[int, ...], list[float]] = {(): []}
+        scores: dict[tuple[int, ...], list[float]] = {(): [0.0]}
         for depth in range(1, max(len(c) for c in choices) + 1):
             level = sorted(c for c in choices if len(c) == depth)
-            parents = sorted({c[:-1] for c in level if c[:-1] in paths})
+            parents = sorted({c[:-1] for c in level if c[:-1] in paths and _expands(c[:-1], scores, state)})
             if not parents:
                 break
             path = torch.tensor([paths[p] for p in parents], device=state.hidden.device)  # [P, depth]
@@ -99,13 +101,17 @@ class MedusaDrafter(Drafter):
             features = self.heads.head_features(depth - 1, hidden, path, self._embed)
             top_lp, top_tok = (t.tolist() for t in self._top(self._weights[depth - 1], features))
             for choice in level:
-                if choice[:-1] in paths:
+                if choice[:-1] in parents:
                     row, rank = parents.index(choice[:-1]), choice[-1]
                     paths[choice] = paths[choice[:-1]] + [top_tok[row][rank]]
-                    last = scores[choice[:-1]][-1] if depth > 1 else 0.0
-                    scores[choice] = scores[choice[:-1]] + [last + top_lp[row][rank]]
+                    scores[choice] = scores[choice[:-1]] + [scores[choice[:-1]][-1] + top_lp[row][rank]]
         order = sorted((c for c in paths if c), key=lambda c: (len(c), c))
-        return TokenTree.trie(state.root, [paths[c][1:] for c in order], [scores[c] for c in order])
+        return TokenTree.trie(state.root, [paths[c][1:] for c in order], [scores[c][1:] for c in order])
+
+
+def _expands(node: tuple[int, ...], scores: dict[tuple[int, ...], list[float]], state: DecodeState) -> bool:
+    """Whether `node` gets children: the root always, other nodes when they reach the plan's threshold."""
+    return not node or scores[node][-1] >= state.min_score
 
 
 def _first(choices: list[tuple[int, ...]], budget: int | None) -> list[tuple[int, ...]]:
