@@ -233,6 +233,7 @@ def test_path_heads_skip_children_below_the_threshold_and_build_the_same_tree(mo
     full = drafter.propose(DecodeState(PROMPT, max_depth=4, budget=7, hidden=hidden))  # no threshold
     assert calls == [0, 1, 2]
     probs = sorted(full.scores[1:].exp().tolist())
+    parents = full.parents[1:].unique().tolist()
     head_calls = set()
     between = [(a * b) ** 0.5 for a, b in itertools.pairwise(probs)]  # no threshold ties with a node's score
     for threshold in [probs[0] / 2, *between, min(2 * probs[-1], 0.999)]:
@@ -242,7 +243,6 @@ def test_path_heads_skip_children_below_the_threshold_and_build_the_same_tree(mo
         trimmed = medusa._trim(full, state)  # the full tree trimmed afterwards: what pruning must not change
         assert tree.tokens.tolist() == trimmed.tokens.tolist() and tree.parents.tolist() == trimmed.parents.tolist()
         assert torch.allclose(tree.scores, trimmed.scores)
-        parents = full.parents[1:].unique().tolist()
         expanded = sorted({int(full.depth[p]) for p in parents if p == 0 or full.scores[p] >= state.min_score})
         assert calls == expanded  # a head runs only where some parent reaches the threshold
         head_calls.add(len(calls))
@@ -277,6 +277,7 @@ def test_medusa_with_the_controller_and_in_a_composite():
     target = tiny_model("llama")
     for drafter in (
         MedusaDrafter(random_heads(target), TREE),
+        MedusaDrafter(random_heads(target, scale=0.5, path_inputs=True), TREE),  # thresholds prune as it builds
         Composite([NGramDrafter(), MedusaDrafter(random_heads(target))]),
     ):
         tokens, expected, stats = greedy(target, drafter, n=60, controller=specdec.Controller())

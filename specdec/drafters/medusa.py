@@ -100,11 +100,12 @@ class MedusaDrafter(Drafter):
             hidden = state.hidden.expand(len(parents), -1)
             features = self.heads.head_features(depth - 1, hidden, path, self._embed)
             top_lp, top_tok = (t.tolist() for t in self._top(self._weights[depth - 1], features))
+            rows = {parent: row for row, parent in enumerate(parents)}
             for choice in level:
-                if choice[:-1] in parents:
-                    row, rank = parents.index(choice[:-1]), choice[-1]
-                    paths[choice] = paths[choice[:-1]] + [top_tok[row][rank]]
-                    scores[choice] = scores[choice[:-1]] + [scores[choice[:-1]][-1] + top_lp[row][rank]]
+                parent, rank = choice[:-1], choice[-1]
+                if parent in rows:
+                    paths[choice] = paths[parent] + [top_tok[rows[parent]][rank]]
+                    scores[choice] = scores[parent] + [scores[parent][-1] + top_lp[rows[parent]][rank]]
         order = sorted((c for c in paths if c), key=lambda c: (len(c), c))
         return TokenTree.trie(state.root, [paths[c][1:] for c in order], [scores[c][1:] for c in order])
 
