@@ -94,8 +94,8 @@ def run(cfg: DictConfig) -> dict:
 
     if todo:
         torch.manual_seed(cfg.seed)
-        target, tokenizer = load_model(cfg.target, dtype=cfg.dtype)
-        draft, _ = load_model(cfg.draft, dtype=cfg.dtype)
+        target, tokenizer = load_model(cfg.target, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+        draft, _ = load_model(cfg.draft, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
         methods = build_methods(cfg, target, draft)
         warm_up(methods, tokenizer, cfg.warmup)
         for question in tqdm(todo, desc="questions", unit="q"):

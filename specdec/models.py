@@ -56,7 +56,7 @@ def builtin_gguf() -> Path:
 def load_model(
     name_or_path: str | Path,
     dtype: str | torch.dtype = "fp32",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "sdpa_tree",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 
@@ -64,7 +64,8 @@ def load_model(
         name_or_path: a built-in name (`smollm2-135m-instruct`, `smollm2-135m-instruct-draft`), a local
             directory, or a Hugging Face hub id (needs network access the first time).
         dtype: `"fp32"`, `"bf16"` or a torch dtype.
-        attn_implementation: `"sdpa"` (default) or `"eager"`; tree attention needs one of them.
+        attn_implementation: `"sdpa_tree"` (default; `specdec.attention`: sdpa without key/value copies under a
+            tree mask on CPUs), `"sdpa"` or `"eager"`; tree attention needs one of them.
 
     Returns:
         (model, tokenizer).

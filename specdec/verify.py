@@ -17,7 +17,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 from specdec import kv
 from specdec.tree import TokenTree
 
-SUPPORTED_ATTENTION = ("eager", "sdpa")
+SUPPORTED_ATTENTION = ("eager", "sdpa", "sdpa_tree")
 
 
 def check_supported(config: PretrainedConfig, role: str = "target") -> None:
@@ -35,8 +35,8 @@ def check_supported(config: PretrainedConfig, role: str = "target") -> None:
     if attn not in SUPPORTED_ATTENTION:
         raise ValueError(
             f"{role} {name} uses attn_implementation={attn!r}, which cannot take the custom 4D tree mask. "
-            f"Load it with attn_implementation='sdpa' (or 'eager'), e.g. "
-            f"AutoModelForCausalLM.from_pretrained(..., attn_implementation='sdpa')."
+            f"Load it with attn_implementation='sdpa_tree' (sdpa without key/value copies under a mask; 'sdpa' "
+            f"and 'eager' work too), e.g. AutoModelForCausalLM.from_pretrained(..., attn_implementation='sdpa_tree')."
         )
     if not kv.is_plain_dynamic(config):
         raise ValueError(

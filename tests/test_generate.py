@@ -76,6 +76,18 @@ def test_greedy_equality_under_eager_attention():
         assert torch.equal(specdec.generate(target, x, drafter=drafter, max_new_tokens=25, eos_token_id=None), expected)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equality_under_sdpa_tree_attention(arch):
+    """`load_model`'s default attention (`specdec.attention`): trees and chains, the target's own drafts and a
+    smaller model's, every architecture."""
+    target, draft = tiny_model(arch, attn="sdpa_tree"), small_draft(arch)
+    x = prompt(4)
+    expected = target.generate(x, max_new_tokens=25, do_sample=False, eos_token_id=None)
+    for drafter in (ModelDrafter(target, **SHAPES["tree"]), ModelDrafter(draft, **SHAPES["chain"])):
+        out = specdec.generate(target, x, drafter=drafter, controller=None, max_new_tokens=25, eos_token_id=None)
+        assert torch.equal(out, expected)
+
+
 def generated_without_stop(target, x, n=30):
     return target.generate(x, max_new_tokens=n, do_sample=False, eos_token_id=None)[0, x.shape[1] :].tolist()
 

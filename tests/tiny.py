@@ -14,6 +14,8 @@ from transformers import (
     Qwen3Config,
 )
 
+import specdec  # noqa: F401  (registers attn_implementation="sdpa_tree")
+
 VOCAB = 128
 BOS, EOS, PAD = 1, 2, 0
 
