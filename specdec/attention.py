@@ -10,8 +10,8 @@ is transformers' own sdpa, unchanged. Same arithmetic: on SmolLM2 the logits are
 and bf16.
 
 Measured on 2 CPU cores (SmolLM2-135M, 300 cached tokens, fastest of 6 forwards, best of 3 rounds): a 10-node tree
-verifies in 39.7 ms instead of 42.1 in bf16, 66.2 instead of 69.8 in fp32. The copies grow with the context,
-so the saving does too.
+verifies in 39.7 ms instead of 42.1 in bf16, 66.2 instead of 69.8 in fp32. The copies that this avoids are as
+long as the context.
 
 Importing specdec registers it with transformers (`AttentionInterface`, and `sdpa`'s mask function under the same
 name). `load_model` uses it by default; for a model you load yourself pass `attn_implementation="sdpa_tree"` to
