@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from specdec.attention import SDPA_TREE
+
 BUILTIN_TARGET = "smollm2-135m-instruct"
 BUILTIN_DRAFT = "smollm2-135m-instruct-draft"
 ASSETS = Path(__file__).parent / "assets"
@@ -56,7 +58,7 @@ def builtin_gguf() -> Path:
 def load_model(
     name_or_path: str | Path,
     dtype: str | torch.dtype = "fp32",
-    attn_implementation: str = "sdpa_tree",
+    attn_implementation: str = SDPA_TREE,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 

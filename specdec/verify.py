@@ -15,9 +15,10 @@ import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from specdec import kv
+from specdec.attention import SDPA_TREE
 from specdec.tree import TokenTree
 
-SUPPORTED_ATTENTION = ("eager", "sdpa", "sdpa_tree")
+SUPPORTED_ATTENTION = ("eager", "sdpa", SDPA_TREE)
 
 
 def check_supported(config: PretrainedConfig, role: str = "target") -> None:

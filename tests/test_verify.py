@@ -134,7 +134,8 @@ def test_sdpa_tree_gives_sdpa_logits_without_copying_grouped_keys(arch, monkeypa
     tree = sample_tree()
     expected = verify.forward_tree(sdpa, verify.prefill(sdpa, prefix)[0], tree).logits[0]
     cache, _ = verify.prefill(tree_model, prefix)
-    kernel_calls.clear(), fallback_calls.clear()
+    kernel_calls.clear()
+    fallback_calls.clear()
     logits = verify.forward_tree(tree_model, cache, tree).logits[0]
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
     layers, heads = tree_model.config.num_hidden_layers, tree_model.config.num_attention_heads
