@@ -61,12 +61,14 @@ class ControlConfig:
 
 @dataclass(frozen=True)
 class Plan:
-    """What the next step may draft. `speculate=False` means a plain target step."""
+    """What the next step may draft. `speculate=False` means a plain target step; `streak`: the plan was made
+    after a step that accepted its tree's deepest level."""
 
     speculate: bool
     depth: int
     budget: int
     threshold: float
+    streak: bool = False
 
 
 @dataclass
@@ -127,8 +129,10 @@ class CostModel:
 class Controller:
     """Adaptive depth, node budget and confidence threshold, with fallback to plain decoding.
 
-    Use: `plan = controller.plan()` before drafting; `controller.update(...)` after verification.
-    `history` records every decision for `spec_stats`.
+    Use: `controller.start()` before each generation, `plan = controller.plan()` before drafting,
+    `controller.update(...)` after verification. What it learns (costs, acceptance, calibration) carries across
+    generations; what belongs to one text (the streak, the fallback countdown) starts afresh with each. Its
+    memory is bounded: counts per depth and a window of recent costs, nothing per step.
     """
 
     def __init__(self, config: ControlConfig | None = None):
@@ -154,7 +158,13 @@ class Controller:
         self.speculative_steps = 0
         self.plain_left = 0  # plain steps before the next probe
         self.backoff = cfg.probe_after
-        self.history: list[dict] = []
+
+    def start(self) -> None:
+        """A new generation: no streak, and speculation probed again within `probe_after` plain steps (a new
+        text may draft better than the last one did); costs and acceptance stay learnt."""
+        self.streak = 0
+        self.plain_left = min(self.plain_left, self.config.probe_after)
+        self.backoff = self.config.probe_after
 
     # ---------------------------------------------------------------- the model
 
@@ -216,19 +226,20 @@ class Controller:
 
     def plan(self) -> Plan:
         cfg = self.config
+        streak = bool(self.streak)
         if self.plain_left > 0:
             self.plain_left -= 1
-            return self._record(Plan(False, 0, 0, self.threshold))
+            return Plan(False, 0, 0, self.threshold, streak)
         if 1 not in self.costs.classes:  # a plain step first: what every speculative step competes with
-            return self._record(Plan(False, 0, 0, self.threshold))
+            return Plan(False, 0, 0, self.threshold, streak)
         if len(self.costs.classes) < 2:  # no tree measured yet: the drafter's own settings, capped
-            return self._record(Plan(True, cfg.max_depth, cfg.max_budget, self.threshold))
+            return Plan(True, cfg.max_depth, cfg.max_budget, self.threshold, streak)
         depth = self.best_depth()
         budget = self._budget(depth)
         if self.speculative_steps % 4 == 3:  # cost probing: a smaller tree now and then, so the slope b is measurable
             budget = max(min(budget, math.ceil(depth * self.width)) // 2, 1)
         # one level beyond the optimum keeps the next depth measured; the threshold still cuts weak branches
-        return self._record(Plan(True, min(depth + 1, cfg.max_depth), budget, self.threshold))
+        return Plan(True, min(depth + 1, cfg.max_depth), budget, self.threshold, streak)
 
     def _budget(self, depth: int) -> int:
         """Widest tree whose extra verify cost stays under half the time its expected tokens save."""
@@ -308,15 +319,3 @@ class Controller:
             self.backoff = min(self.backoff * 2, cfg.max_probe_after)
         else:
             self.backoff = cfg.probe_after
-
-    def _record(self, plan: Plan) -> Plan:
-        self.history.append(
-            {
-                "speculate": plan.speculate,
-                "depth": plan.depth,
-                "budget": plan.budget,
-                "threshold": plan.threshold,
-                "streak": bool(self.streak),
-            }
-        )
-        return plan

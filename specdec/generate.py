@@ -9,47 +9,43 @@ cache holds every token but the last one (the next tree's root).
 from __future__ import annotations
 
 import copy
-import time
-from dataclasses import dataclass, field, replace
+import threading
+import weakref
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
-from transformers.generation import GenerateDecoderOnlyOutput, MaxTimeCriteria, StoppingCriteriaList
+from transformers.generation import (
+    GenerateDecoderOnlyOutput,
+    MaxTimeCriteria,
+    MinPLogitsWarper,
+    StoppingCriteriaList,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from specdec import acceptance, kv, verify
 from specdec.control import Controller
 from specdec.drafters.base import DecodeState, Drafter
-from specdec.sampling import UNSUPPORTED_WARPERS, Sampling, default_generator
+from specdec.sampling import Sampling, default_generator
 
-# Generation options whose logits processing or search specdec does not reproduce, with their neutral value.
-_UNSUPPORTED_OPTIONS = {
+# Search options specdec does not reproduce (not logits processors), with their neutral values.
+_UNSUPPORTED_SEARCH = {
     "num_beams": 1,
     "num_return_sequences": 1,
     "num_beam_groups": 1,
     "penalty_alpha": None,
     "dola_layers": None,
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "bad_words_ids": None,
-    "force_words_ids": None,
-    "constraints": None,
-    "min_length": 0,
-    "min_new_tokens": 0,
-    "forced_bos_token_id": None,
-    "forced_eos_token_id": None,
-    "exponential_decay_length_penalty": None,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "sequence_bias": None,
-    "guidance_scale": 1.0,
-    "watermarking_config": None,
-    "stop_strings": None,
     "prompt_lookup_num_tokens": None,
     "output_attentions": False,
     "output_hidden_states": False,
     "use_cache": True,
 }
+# The logits processors that `Sampling` applies as generate() does; generate() refuses a configuration for
+# which transformers would build any other (repetition penalty, min_length, renormalize_logits, typical_p...).
+_REPRODUCED_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 
 
 _DEFAULT = object()  # "no argument given", so that None can mean "no controller"
@@ -66,8 +62,10 @@ class SpecStats:
         target_forwards: target forwards, prefill included.
         prefill_time, draft_time, verify_time: seconds spent prefilling the target, drafting, and in
             verification forwards.
-        plans: the controller's decision for each step (speculate, depth, budget, threshold); empty
-            without a controller.
+        catchup_time: the part of `draft_time` a draft source spent re-reading tokens accepted while it
+            was not asked (after fallback steps), not drafting.
+        plans: the controller's decision for each step (speculate, depth, budget, threshold, streak);
+            empty without a controller.
     """
 
     accept_lengths: list[int] = field(default_factory=list)
@@ -76,6 +74,7 @@ class SpecStats:
     prefill_time: float = 0.0
     draft_time: float = 0.0
     verify_time: float = 0.0
+    catchup_time: float = 0.0
     plans: list[dict] = field(default_factory=list)
 
     @property
@@ -107,7 +106,7 @@ class SpeculativeOutput(GenerateDecoderOnlyOutput):
 
 @dataclass(frozen=True)
 class _Limits:
-    max_length: int
+    max_length: int  # padding included
     padding_ids: tuple[int, ...]  # left padding removed from the prompt, for stopping criteria
     eos_token_ids: frozenset[int]
     stopping_criteria: StoppingCriteriaList
@@ -123,13 +122,17 @@ class SpeculativeGenerator:
         drafter: the draft source, e.g. `ModelDrafter(small_model)`.
         controller: adapts depth, node budget and confidence threshold from measured acceptance and
             costs, and falls back to plain steps when drafting does not pay (`Controller()` by default;
-            `None` drafts exactly as the drafter is configured). It keeps learning across calls.
+            `None` drafts exactly as the drafter is configured). It keeps learning across calls, in
+            bounded memory; each call's decisions are in its output's `spec_stats.plans`.
         lossy_typical_acceptance: LOSSY, opt-in: when sampling, accept draft tokens by Medusa's typical
             acceptance (`acceptance.Typical`) instead of exact rejection sampling; the output then no
             longer follows the target's distribution. Greedy decoding ignores it (and stays exact).
 
     Raises:
         ValueError: if the target's attention implementation or cache cannot take tree masks.
+
+    One generator serves one call at a time: calls from several threads wait for each other (a lock). The
+    drafter and the controller hold per-call state: do not share them between generators used concurrently.
 
     Example:
         >>> gen = SpeculativeGenerator(target, drafter=ModelDrafter(draft))
@@ -149,8 +152,9 @@ class SpeculativeGenerator:
         self.drafter = drafter
         self.controller = Controller() if controller is _DEFAULT else controller
         self.typical = lossy_typical_acceptance
+        self._lock = threading.Lock()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(
         self,
         inputs: torch.Tensor | None = None,
@@ -158,6 +162,7 @@ class SpeculativeGenerator:
         stopping_criteria: StoppingCriteriaList | None = None,
         streamer=None,
         generator: torch.Generator | None = None,
+        tokenizer=None,
         **kwargs,
     ) -> torch.Tensor | SpeculativeOutput:
         """Generate like `target.generate(...)`; takes the same arguments and returns the same types.
@@ -168,9 +173,12 @@ class SpeculativeGenerator:
         Args:
             generator: a CPU `torch.Generator`, the only source of randomness when sampling (default:
                 one seeded from torch's global RNG, so `torch.manual_seed` makes runs repeatable).
+            tokenizer: the target's tokenizer, needed for `stop_strings` (as for `target.generate`).
 
         Raises:
-            ValueError: empty prompt, a padding pattern other than left padding, no room for new tokens.
+            ValueError: empty prompt, token ids outside the vocabulary, a padding pattern other than left
+                padding, no room for new tokens, a generation longer than a sliding attention window,
+                `stop_strings` without a tokenizer.
             NotImplementedError: batch size > 1, and options (beam search, repetition penalty, typical_p,
                 ...) that specdec does not reproduce yet; use `target.generate` for those.
         """
@@ -180,14 +188,20 @@ class SpeculativeGenerator:
         if model_kwargs:
             raise TypeError(f"unsupported generate() arguments: {sorted(model_kwargs)}")
         prompt, padding = _unpad(input_ids, attention_mask)
-        limits = _limits(config, input_ids[0, :padding].tolist(), prompt.shape[1], stopping_criteria)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
+        _check_token_ids(prompt, self.target)
+        _refuse_unreproduced_processing(self.target, config, input_ids)
+        limits = _limits(config, input_ids[0, :padding].tolist(), prompt.shape[1], stopping_criteria, tokenizer)
+        verify.check_window(self.target.config, limits.max_length)
         if limits.sampling is not None and generator is None:
             generator = default_generator()
-        new_tokens, logits, stats = self._decode(prompt, limits, streamer, generator)
-        if streamer is not None:
-            streamer.end()
+        with self._lock:
+            try:
+                if streamer is not None:
+                    streamer.put(input_ids.cpu())
+                new_tokens, logits, stats = self._decode(prompt, limits, streamer, generator)
+            finally:  # a consumer waiting on the streamer is released whatever happened
+                if streamer is not None:
+                    streamer.end()
         sequences = torch.cat([input_ids, torch.tensor([new_tokens], dtype=input_ids.dtype).to(input_ids.device)], 1)
         if not config.return_dict_in_generate:
             return sequences
@@ -208,11 +222,13 @@ class SpeculativeGenerator:
         new_tokens: list[int] = []
         new_logits: list[torch.Tensor] = []  # [1, V] per new token when asked for
         self.drafter.start(self.target)
+        if self.controller is not None:
+            self.controller.start()
 
-        tic = _now(self.target)
+        tic = verify.wall_time(self.target)
         keep_hidden = self.drafter.uses_hidden_states
         cache, hidden = verify.prefill(self.target, prompt[:, :-1], output_hidden_states=keep_hidden)
-        stats.prefill_time, stats.target_forwards = _now(self.target) - tic, int(prompt.shape[1] > 1)
+        stats.prefill_time, stats.target_forwards = verify.wall_time(self.target) - tic, int(prompt.shape[1] > 1)
 
         while True:
             room = limits.max_length - len(limits.padding_ids) - len(tokens)  # new tokens still allowed
@@ -222,17 +238,19 @@ class SpeculativeGenerator:
             if plan is not None and not plan.speculate and self.drafter.free:  # opportunistic: free sources only
                 depth = min(room - 1, self.controller.config.max_depth)
                 state = replace(state, max_depth=depth, budget=None, free_only=True)
-            tic = _now(self.target)
+            tic = verify.wall_time(self.target)
             tree = self.drafter.propose(state).truncate(state.max_depth)
             if state.free_only and not self.controller.pays(len(tree), tree.expected_gain):
                 tree = tree.truncate(0)  # a fallback step: the free draft does not pay, take a plain step
             if int(tree.tokens[0]) != state.root:
                 raise RuntimeError(f"{type(self.drafter).__name__} proposed a tree not rooted at the last token")
-            toc = _now(self.target)
-            out = verify.forward_tree(self.target, cache, tree, output_hidden_states=keep_hidden)
-            logits = out.logits[0]  # [N, V]
-            verified = _now(self.target)
+            toc = verify.wall_time(self.target)
+            catchup = self.drafter.catchup_time
+            with verify.final_hidden_states(self.target) if keep_hidden else _no_capture() as final:
+                logits = verify.forward_tree(self.target, cache, tree).logits[0]  # [N, V]
+            verified = verify.wall_time(self.target)
             stats.draft_time += toc - tic
+            stats.catchup_time += catchup
             stats.verify_time += verified - toc
             stats.target_forwards += 1
             stats.tree_sizes.append(len(tree))
@@ -240,18 +258,14 @@ class SpeculativeGenerator:
             accepted = self._accept(tree, logits, limits.sampling, generator)
             kv.keep_path(cache, len(tokens) - 1, accepted.path)
             if keep_hidden:  # the state after the last accepted node: its LM head gave the bonus token
-                hidden = out.hidden_states[-1][0, accepted.path[-1]]
+                hidden = final[-1][0, accepted.path[-1]]
             self.drafter.commit(accepted)
             if plan is not None:
-                stats.plans.append(self.controller.history[-1])
+                stats.plans.append(asdict(plan))
+                promised = tree.expected_gain
+                drafting = toc - tic - catchup
                 self.controller.update(
-                    plan,
-                    len(tree),
-                    tree.max_depth,
-                    accepted.num_accepted,
-                    tree.expected_gain,
-                    toc - tic,
-                    verified - toc,
+                    plan, len(tree), tree.max_depth, accepted.num_accepted, promised, drafting, verified - toc
                 )
 
             emitted, done = [], False
@@ -290,6 +304,10 @@ class SpeculativeGenerator:
         return bool(limits.stopping_criteria(input_ids, scores).any())
 
 
+# The controller the functional form uses for each (drafter, target) pair, so that it keeps learning across calls.
+_CONTROLLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def generate(
     target: PreTrainedModel,
     inputs: torch.Tensor | None = None,
@@ -298,8 +316,24 @@ def generate(
     controller: Controller | None = _DEFAULT,
     **kwargs,
 ):
-    """Functional form: `SpeculativeGenerator(target, drafter, controller).generate(inputs, **kwargs)`."""
+    """Functional form: `SpeculativeGenerator(target, drafter, controller).generate(inputs, **kwargs)`.
+
+    Without a `controller` argument, the same controller serves every call with the same drafter and target
+    (kept while both exist), so what it measured carries over as it does with one `SpeculativeGenerator`."""
+    if controller is _DEFAULT:
+        per_target = _CONTROLLERS.setdefault(drafter, weakref.WeakKeyDictionary())
+        controller = per_target.setdefault(target, Controller())
     return SpeculativeGenerator(target, drafter, controller).generate(inputs, **kwargs)
+
+
+class _no_capture:
+    """Stands in for `verify.final_hidden_states` when no hidden state is needed."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def _state(
@@ -329,8 +363,7 @@ def _resolve_config(
     # then generate()'s own defaults (e.g. top_k=50 when sampling), exactly as target.generate() fills them in
     config.update(**target.generation_config._get_default_generation_params(), defaults_only=True)
     model_kwargs = config.update(**kwargs)
-    unsupported = {**_UNSUPPORTED_OPTIONS, **(UNSUPPORTED_WARPERS if config.do_sample else {})}
-    for name, neutral in unsupported.items():
+    for name, neutral in _UNSUPPORTED_SEARCH.items():
         value = getattr(config, name, None)
         if value is not None and value != neutral:
             raise NotImplementedError(
@@ -338,6 +371,41 @@ def _resolve_config(
                 f"remove it, or use target.generate() for this call"
             )
     return config, model_kwargs
+
+
+def _refuse_unreproduced_processing(target: PreTrainedModel, config: GenerationConfig, input_ids: torch.Tensor):
+    """Ask transformers which logits processors `target.generate` would apply for `config`, and refuse any that
+    specdec does not reproduce (everything but the sampling warpers of `Sampling`).
+
+    Raises:
+        NotImplementedError: naming the processors and the options that differ from the defaults.
+    """
+    probe = copy.deepcopy(config)
+    target._prepare_special_tokens(probe, True, device=input_ids.device)  # what generate() prepares first
+    processors = target._get_logits_processor(
+        probe, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids, device=input_ids.device
+    )
+    unsupported = sorted({type(p).__name__ for p in processors if not isinstance(p, _REPRODUCED_PROCESSORS)})
+    if unsupported:
+        options = sorted(k for k in config.to_diff_dict() if not k.startswith("_"))
+        raise NotImplementedError(
+            f"with these generation options target.generate() applies {', '.join(unsupported)}, which specdec's "
+            f"speculative decoding does not reproduce; remove the option that adds it (options set: {options}), "
+            f"or use target.generate() for this call"
+        )
+
+
+def _check_token_ids(prompt: torch.Tensor, target: PreTrainedModel) -> None:
+    """Raises ValueError for a prompt that is not integer ids inside the target's vocabulary."""
+    if prompt.dtype.is_floating_point or prompt.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got dtype {prompt.dtype}")
+    vocab = target.get_input_embeddings().num_embeddings
+    bad = prompt[(prompt < 0) | (prompt >= vocab)].unique()
+    if len(bad):
+        raise ValueError(
+            f"input_ids hold token ids outside the target's vocabulary of {vocab} tokens: {bad[:10].tolist()}; "
+            f"encode the prompt with the target's tokenizer"
+        )
 
 
 def _unpad(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
@@ -358,7 +426,11 @@ def _unpad(input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) 
 
 
 def _limits(
-    config: GenerationConfig, padding_ids: list[int], prompt_length: int, stopping_criteria: StoppingCriteriaList | None
+    config: GenerationConfig,
+    padding_ids: list[int],
+    prompt_length: int,
+    stopping_criteria: StoppingCriteriaList | None,
+    tokenizer=None,
 ) -> _Limits:
     input_length = len(padding_ids) + prompt_length
     if config.max_new_tokens is not None:
@@ -375,13 +447,10 @@ def _limits(
     criteria = StoppingCriteriaList(stopping_criteria or [])
     if config.max_time is not None:
         criteria.append(MaxTimeCriteria(config.max_time))
+    if config.stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("stop_strings need the target's tokenizer: pass tokenizer=... to generate()")
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
     keep_logits = bool(config.return_dict_in_generate and (config.output_scores or config.output_logits))
     sampling = Sampling.from_generation_config(config)
     return _Limits(max_length, tuple(padding_ids), eos_ids, criteria, keep_logits, sampling)
-
-
-def _now(model: PreTrainedModel) -> float:
-    """Wall time after the model's device has finished queued work."""
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
-    return time.perf_counter()

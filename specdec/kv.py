@@ -11,16 +11,31 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import get_layer_types_and_kwargs
+
+_FULL, _SLIDING = "full_attention", "sliding_attention"
 
 
 def new_cache(model: PreTrainedModel) -> DynamicCache:
-    return DynamicCache(config=model.config)
+    """A growing cache of plain layers. A sliding-window layer is a plain layer as long as the sequence fits in
+    its window (`sliding_window(config)`; `generate` checks that before it starts)."""
+    return DynamicCache()
 
 
-def is_plain_dynamic(config: PretrainedConfig) -> bool:
-    """True when every layer of the cache for `config` is a plain growing `DynamicLayer`."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+def unsupported_layers(config: PretrainedConfig) -> set[str]:
+    """The layer types of `config`'s cache other than full attention and sliding-window attention (chunked,
+    linear or recurrent layers...), whose entries specdec cannot keep exactly; empty when all are supported."""
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return set(layer_types) - {_FULL, _SLIDING}
+
+
+def sliding_window(config: PretrainedConfig) -> int | None:
+    """The smallest attention window among `config`'s sliding-window layers (None: every layer sees everything).
+
+    While a sequence holds at most this many tokens, sliding-window attention is full attention."""
+    layer_types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    windows = [k["sliding_window"] for t, k in zip(layer_types, kwargs, strict=True) if t == _SLIDING]
+    return min(windows) if windows else None
 
 
 def length(cache: DynamicCache) -> int:

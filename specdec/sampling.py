@@ -19,9 +19,6 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-# Sampling options whose warpers specdec does not apply, with their neutral values (refused by generate()).
-UNSUPPORTED_WARPERS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
-
 
 @dataclass(frozen=True)
 class Sampling:
@@ -43,8 +40,8 @@ class Sampling:
 
     @staticmethod
     def from_generation_config(config: GenerationConfig) -> Sampling | None:
-        """The sampling parameters of `config`, or None when it decodes greedily (the warpers in
-        `UNSUPPORTED_WARPERS` are ignored here: `generate()` refuses them)."""
+        """The sampling parameters of `config`, or None when it decodes greedily (other warpers, such as
+        typical_p, are ignored here: `generate()` refuses them)."""
         if not config.do_sample:
             return None
         temperature = 1.0 if config.temperature is None else float(config.temperature)

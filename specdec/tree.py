@@ -71,6 +71,11 @@ class TokenTree:
         if self.is_sampled and (self.draft_probs is None or self.draft_probs.shape[0] != len(self.tokens)):
             raise ValueError("a tree with sampled nodes needs draft_probs of shape [N, V]")
 
+    @cached_property
+    def is_chain(self) -> bool:
+        """Every node's parent is the node before it (a single path)."""
+        return bool((self.parents[1:] == torch.arange(len(self.parents) - 1)).all())
+
     # ---------------------------------------------------------------- builders
 
     @staticmethod

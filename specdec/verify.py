@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
@@ -25,9 +28,10 @@ def check_supported(config: PretrainedConfig, role: str = "target") -> None:
     """Refuse models (given by their config) whose attention or cache cannot take an arbitrary tree mask.
 
     Raises:
-        ValueError: flash / flex attention (no arbitrary masks), sliding-window or hybrid caches
+        ValueError: flash / flex attention (no arbitrary masks), chunked, linear or recurrent cache layers
             (they drop or transform entries, so the tree's entries cannot be kept exactly),
-            or a model that is not a decoder-only LM with a KV cache.
+            or a model that is not a decoder-only LM with a KV cache. Sliding-window layers are accepted:
+            `check_window` refuses a generation that could outgrow their window.
     """
     name = type(config).__name__.removesuffix("Config") or "model"
     if config.is_encoder_decoder:
@@ -39,11 +43,28 @@ def check_supported(config: PretrainedConfig, role: str = "target") -> None:
             f"Load it with attn_implementation='sdpa_tree' (sdpa without key/value copies under a mask; 'sdpa' "
             f"and 'eager' work too), e.g. AutoModelForCausalLM.from_pretrained(..., attn_implementation='sdpa_tree')."
         )
-    if not kv.is_plain_dynamic(config):
+    if unsupported := kv.unsupported_layers(config):
         raise ValueError(
-            f"{role} {name} uses sliding-window, chunked or hybrid cache layers, which specdec cannot compact "
-            f"exactly yet. Use a model with full attention in every layer; if all your sequences are shorter "
-            f"than the window, loading the model with sliding_window=None gives identical results."
+            f"{role} {name} has cache layers of type {sorted(unsupported)}, which specdec cannot keep exactly: "
+            f"it supports full-attention and sliding-window layers. Use target.generate() for this model."
+        )
+
+
+def check_window(config: PretrainedConfig, max_length: int) -> None:
+    """Refuse a generation of up to `max_length` tokens (padding included) that a sliding window could cut.
+
+    Within its window, sliding-window attention is full attention, which is what the tree mask gives; beyond
+    it, layers would forget entries that the tree's cache keeps.
+
+    Raises:
+        ValueError: `max_length` exceeds the model's smallest sliding window.
+    """
+    window = kv.sliding_window(config)
+    if window is not None and max_length > window:
+        raise ValueError(
+            f"this generation can reach {max_length} tokens, beyond the model's sliding attention window of "
+            f"{window}, which specdec does not reproduce; lower max_new_tokens (or max_length) so that prompt + "
+            f"new tokens <= {window}, or use target.generate() for this call"
         )
 
 
@@ -70,12 +91,7 @@ def tree_attention_mask(tree: TokenTree, prefix_len: int, dtype: torch.dtype, st
 
 
 def forward_tree(
-    model: PreTrainedModel,
-    cache: DynamicCache,
-    tree: TokenTree,
-    start: int = 0,
-    output_hidden_states: bool = False,
-    last_logits_only: bool = False,
+    model: PreTrainedModel, cache: DynamicCache, tree: TokenTree, start: int = 0, last_logits_only: bool = False
 ):
     """Run nodes `start:` of `tree` through `model`, appending their keys and values to `cache`.
 
@@ -88,20 +104,43 @@ def forward_tree(
     """
     device = model.device
     prefix_len = kv.length(cache) - start
-    if len(tree) - start == 1 and bool(tree.ancestor_mask[start].all()):
-        mask = None  # one new token that sees every cached entry: a plain decoding step, no mask needed
-    else:
-        mask = tree_attention_mask(tree, prefix_len, model.dtype, start).to(device)
+    # a chain needs no tree mask: each new token sees every cached entry and the tokens before it (causal)
+    mask = None if tree.is_chain else tree_attention_mask(tree, prefix_len, model.dtype, start).to(device)
     positions = (prefix_len + tree.depth[start:]).unsqueeze(0).to(device)  # [1, N - start]
     return model(
         input_ids=tree.tokens[start:].unsqueeze(0).to(device),
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
-        output_hidden_states=output_hidden_states,
         **(_last_logits_only(model) if last_logits_only else {}),
     )
+
+
+@contextmanager
+def final_hidden_states(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
+    """Within the block, the input of each call of `model`'s LM head is appended to the yielded list: the final
+    hidden states `[1, T, H]` its logits come from (only the rows whose logits are computed), whatever the
+    architecture, without asking the model for every layer's states.
+
+    Example:
+        >>> with final_hidden_states(target) as hidden:
+        ...     out = forward_tree(target, cache, tree)
+        >>> hidden[-1][0, node]  # [H]: the state whose LM head gave `out.logits[0, node]`
+    """
+    captured: list[torch.Tensor] = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    try:
+        yield captured
+    finally:
+        hook.remove()
+
+
+def wall_time(model: PreTrainedModel) -> float:
+    """`time.perf_counter()` after the model's device has finished its queued work."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()
 
 
 def _last_logits_only(model: PreTrainedModel) -> dict:
@@ -119,15 +158,16 @@ def prefill(
     model: PreTrainedModel, input_ids: torch.Tensor, output_hidden_states: bool = False
 ) -> tuple[DynamicCache, torch.Tensor | None]:
     """A new cache holding `input_ids` (`[1, L]`, may be empty), and, when asked for, the final hidden state
-    `[H]` at the last position (what the LM head turns into the next token's logits; None otherwise)."""
+    `[H]` at the last position (what the LM head turns into the next token's logits; None otherwise). Only that
+    state is computed and kept, not every layer's states of the whole prompt."""
     cache = kv.new_cache(model)
     if input_ids.shape[-1] == 0:
         return cache, None
-    out = model(
-        input_ids=input_ids.to(model.device),
-        past_key_values=cache,
-        use_cache=True,
-        output_hidden_states=output_hidden_states,
-        **_last_logits_only(model),  # the prompt's logits are not needed
-    )
-    return cache, out.hidden_states[-1][0, -1] if output_hidden_states else None
+    with final_hidden_states(model) as hidden:
+        model(
+            input_ids=input_ids.to(model.device),
+            cache=cache,
+            use_cache=True,
+            **_last_logits_only(model),  # the prompt's logits are not needed
+        )
+    return cache, hidden[-1][0, -1] if output_hidden_states else None

@@ -1,13 +1,28 @@
 """The adaptive controller with stubbed costs and acceptance, and its effect on real (tiny) decoding."""
 
 import itertools
+from dataclasses import asdict
 
 import torch
 from tiny import VOCAB, small_draft, tiny_model
 
 import specdec
-from specdec.control import ControlConfig, Controller
+from specdec.control import ControlConfig, Plan
+from specdec.control import Controller as _Controller
 from specdec.drafters import ModelDrafter
+
+
+class Controller(_Controller):
+    """The controller, with every plan it made kept in `history` (the real one keeps none)."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.history = []
+
+    def plan(self) -> Plan:
+        plan = super().plan()
+        self.history.append(asdict(plan))
+        return plan
 
 
 def simulate(
@@ -179,8 +194,12 @@ def test_free_sources_still_draft_while_the_controller_falls_back():
     segment = torch.randint(3, VOCAB, (12,), generator=gen)
     x = torch.cat([segment, segment, segment, segment[:4]]).unsqueeze(0)
     expected = target.generate(x, max_new_tokens=40, do_sample=False, eos_token_id=None)
-    controller = Controller()
-    controller.plain_left = 10**6  # stuck in fallback: every step is planned plain
+
+    class StuckInFallback(Controller):
+        def plan(self) -> Plan:
+            return Plan(False, 0, 0, self.threshold)  # every step is planned plain
+
+    controller = StuckInFallback()
     drafter = specdec.drafters.Composite([specdec.drafters.NGramDrafter(), ModelDrafter(draft)])
     out = specdec.generate(
         target, x, drafter=drafter, controller=controller, max_new_tokens=40, eos_token_id=None,

@@ -28,7 +28,7 @@ def test_compaction_then_continuation_equals_fresh_prefill(arch, path_leaf):
         torch.testing.assert_close(kept.values, ref.values, rtol=1e-5, atol=1e-5)
 
     nxt = torch.tensor([[7, 8]])
-    continued = model(nxt, past_key_values=cache, use_cache=True).logits
+    continued = model(nxt, cache=cache, use_cache=True).logits
     reference = model(torch.cat([accepted, nxt], 1)).logits[:, -2:]
     torch.testing.assert_close(continued, reference, rtol=1e-5, atol=1e-5)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from tiny import ARCHS, VOCAB, tiny_model
-from transformers import LlamaConfig, MistralConfig
+from transformers import LlamaConfig
 
 from specdec import attention, kv, verify
 from specdec.tree import TokenTree
@@ -90,10 +90,9 @@ def test_flex_attention_model_is_refused():
         verify.check_supported(model.config)
 
 
-def test_sliding_window_cache_is_refused():
-    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4)
-    assert config.sliding_window is not None  # Mistral's default
-    with pytest.raises(ValueError, match="sliding_window=None"):
+def test_linear_attention_cache_layers_are_refused():
+    config = LlamaConfig(vocab_size=VOCAB, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    with pytest.raises(ValueError, match="linear_attention"):
         verify.check_supported(config)
 
 

@@ -184,11 +184,11 @@ def top1_agreement(draft, target, rows: list[dict], pad: int) -> dict:
 @torch.inference_mode()
 def per_token_ms(model, context: int = 256, repeats: int = 15) -> float:
     """Median milliseconds of a one-token forward after a `context`-token cache."""
-    cache = model(torch.randint(0, model.config.vocab_size, (1, context)), use_cache=True).past_key_values
+    cache = model(torch.randint(0, model.config.vocab_size, (1, context)), use_cache=True).cache
     times = []
     for _ in range(repeats):
         tic = time.perf_counter()
-        model(torch.randint(0, model.config.vocab_size, (1, 1)), past_key_values=cache, use_cache=True)
+        model(torch.randint(0, model.config.vocab_size, (1, 1)), cache=cache, use_cache=True)
         times.append(time.perf_counter() - tic)
         cache.crop(-1)
     return 1000 * sorted(times)[len(times) // 2]

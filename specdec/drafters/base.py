@@ -65,10 +65,14 @@ class Drafter(ABC):
         free: drafting costs next to nothing (no model forward, e.g. n-gram lookup): the source is still
             asked in the controller's fallback steps, and its tree verified where it pays (opportunistic
             drafting), so falling back never loses a cheap hit.
+        catchup_time: seconds of the last `propose` spent re-reading tokens accepted since the source last
+            drafted (a draft model's cache catching up after plain steps), not drafting; the controller
+            charges only the rest to drafting.
     """
 
     uses_hidden_states: bool = False
     free: bool = False
+    catchup_time: float = 0.0
 
     def start(self, target: PreTrainedModel) -> None:
         """Called once before each generation: check compatibility with `target`, reset state.

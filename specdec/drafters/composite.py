@@ -91,6 +91,10 @@ class Composite(Drafter):
     def free(self) -> bool:
         return any(drafter.free for drafter in self.drafters)
 
+    @property
+    def catchup_time(self) -> float:
+        return sum(self.drafters[index].catchup_time for index, _ in self._asked)
+
     def start(self, target) -> None:
         for drafter in self.drafters:
             drafter.start(target)
@@ -110,7 +114,8 @@ class Composite(Drafter):
             tree = drafter.propose(state)
             ledger = self.ledgers[index]
             ledger.asks = self.discount * ledger.asks + 1
-            ledger.seconds = self.discount * ledger.seconds + time.perf_counter() - tic
+            drafting = time.perf_counter() - tic - drafter.catchup_time
+            ledger.seconds = self.discount * ledger.seconds + drafting
             self._asked.append((index, tree))
             # a tree of random draws is used as drawn: choosing it by its tokens' values would bias them
             if tree.is_sampled or tree.expected_gain >= self.skip_gain:

@@ -63,7 +63,7 @@ class MedusaDrafter(Drafter):
             top = self.heads.vocab[top]
         return top_lp.cpu(), top.cpu()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def propose(self, state: DecodeState) -> TokenTree:
         if state.max_depth < 1 or state.hidden is None:
             return TokenTree.chain(state.root)

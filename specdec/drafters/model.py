@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers import PreTrainedModel
 
@@ -61,18 +63,21 @@ class ModelDrafter(Drafter):
         self._committed = 0
         self._fed = 0
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def propose(self, state: DecodeState) -> TokenTree:
         if self._cache is None:
             raise RuntimeError("ModelDrafter.start(target) must be called before propose()")
         tree = TokenTree.chain(state.root)
-        self._fed = 0
+        self._fed, self.catchup_time = 0, 0.0
         if state.max_depth < 1:
             return tree
         # Catch up on the tokens accepted since the last step; the last of them is the root.
         pending = state.tokens[0, self._committed :].tolist()
         chain = TokenTree.chain(pending[0], pending[1:])
+        tic = time.perf_counter()
         out = verify.forward_tree(self.model, self._cache, chain, last_logits_only=True)
+        if len(pending) > 2:  # more than the last step's bonus token and root: tokens missed while not drafting
+            self.catchup_time = verify.wall_time(self.model) - tic
         self._committed = state.tokens.shape[1]
         self._fed = 1  # the root sits at the end of the cache now
         dist = _next_token(out.logits[0, -1:], state)  # [1, V]
