@@ -7,13 +7,17 @@ them. `NGramDrafter(memory=...)` fills its tree with these continuations after t
 current context, and adds each finished generation to the memory.
 
 The index is a sorted list of `(n-gram..., position)` entries, one per stored position: a lookup is two
-binary searches, adding a generation inserts its entries, and memory use is about 160 bytes per
-token. Like every draft source it only proposes; verification keeps the output exact.
+binary searches, and memory use is about 160 bytes per token. A generation's entries go into a small sorted
+list of recent entries beside it (the big list is never rewritten for one generation; the two are merged
+once the recent one holds an eighth as many), and beyond `capacity` the oldest sequences are forgotten an
+eighth of the capacity at a time, so a memory that learns for days costs the same per request. Like every
+draft source it only proposes; verification keeps the output exact.
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import sys
 from collections.abc import Iterable
@@ -38,7 +42,8 @@ class NGramMemory:
         max_ngram, min_ngram: n-gram lengths looked up, longest first (the first that occurs wins).
         occurrences: most occurrences read per lookup, evenly spread over all of them, so that the
             counts of their continuations estimate how often each followed.
-        capacity: most tokens kept (~160 bytes each in RAM); beyond it the oldest sequences are forgotten.
+        capacity: most tokens kept (~160 bytes each in RAM); beyond it the oldest sequences are forgotten,
+            down to seven eighths of it.
 
     Attributes:
         base: the model the sequences came from (`{"model", "vocab_size", "fingerprint"}`), set by the
@@ -55,33 +60,64 @@ class NGramMemory:
         self.base: dict | None = None
         self._tokens: list[int] = []  # sequences, each followed by _SEP; position p is _tokens[p - _offset]
         self._offset = 0  # positions forgotten from the front
-        self._entries: list[tuple[int, ...]] = []  # sorted (t_p, ..., t_{p+max_ngram-1}, p), padded with _SEP
+        # sorted (t_p, ..., t_{p+max_ngram-1}, p), padded with _SEP; never changed in place (copies share it)
+        self._entries: list[tuple[int, ...]] = []
+        self._recent: list[tuple[int, ...]] = []  # entries added since the last merge, sorted the same way
 
     def __len__(self) -> int:
         """Stored tokens (separators not counted)."""
-        return len(self._entries)
+        return len(self._entries) + len(self._recent)
+
+    def copy(self) -> NGramMemory:
+        """An independent memory holding the same sequences; it shares the (unchanging) big index with this one,
+        so a copy of a memory of millions of tokens costs a list of token ids, not another index."""
+        twin = copy.copy(self)
+        twin.base = copy.deepcopy(self.base)
+        twin._tokens, twin._recent = list(self._tokens), list(self._recent)
+        return twin
+
+    def sequences(self) -> list[list[int]]:
+        """The stored sequences, oldest first."""
+        found, start = [], 0
+        while start < len(self._tokens):
+            end = self._tokens.index(_SEP, start)
+            found.append(self._tokens[start:end])
+            start = end + 1
+        return found
 
     def add(self, sequence: list[int]) -> None:
         """Remember one sequence (e.g. a generation's new tokens)."""
         self.extend([sequence])
 
     def extend(self, sequences: Iterable[list[int]]) -> None:
-        """Remember several sequences, in order: the same memory as `add` on each, built with one sort
+        """Remember several sequences, in order: the same memory as `add` on each, built with few sorts
         (a memory of millions of tokens is built in seconds, not hours)."""
         sequences = [s for s in ([int(t) for t in sequence] for sequence in sequences) if s]
         if any(min(sequence) < 0 for sequence in sequences):
             raise ValueError("token ids must be >= 0")  # before anything is stored
+        batch, size = [], len(self)
+        for sequence in sequences:  # stored in batches that end where `add` would have forgotten
+            batch.append(sequence)
+            size += len(sequence)
+            if size > self.capacity:
+                self._store(batch)
+                batch, size = [], len(self)
+        self._store(batch)
+
+    def _store(self, sequences: list[list[int]]) -> None:
         positions = []
         for sequence in sequences:
             start = self._offset + len(self._tokens)
             self._tokens += [*sequence, _SEP]
             positions += range(start, start + len(sequence))
-        new = [self._entry(p) for p in positions]
-        if len(new) > len(self._entries) // 8:
-            self._entries = sorted(self._entries + new)
+        new = sorted(self._entry(p) for p in positions)
+        if len(new) > 16:
+            self._recent = sorted(self._recent + new)  # two sorted runs: one linear merge
         else:
             for entry in new:
-                bisect.insort(self._entries, entry)
+                bisect.insort(self._recent, entry)
+        if len(self._recent) > len(self._entries) // 8:
+            self._entries, self._recent = sorted(self._entries + self._recent), []
         if len(self) > self.capacity:
             self._forget()
 
@@ -95,13 +131,14 @@ class NGramMemory:
         none does) and what followed it, as `continuations` gives it."""
         for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
             ngram = tuple(context[-n:])
-            lo = bisect.bisect_left(self._entries, ngram)
-            hi = bisect.bisect_left(self._entries, (*ngram, _TOP), lo)
-            if lo == hi:
+            ranges = [(index, *_span(index, ngram)) for index in (self._entries, self._recent)]
+            count = sum(hi - lo for _, lo, hi in ranges)
+            if count == 0:
                 continue
-            stride = -(-(hi - lo) // self.occurrences)
+            stride = -(-count // self.occurrences)  # evenly spread over both lists
+            entries = [e for index, lo, hi in ranges for e in index[lo:hi:stride]]
             found = []
-            for entry in sorted(self._entries[lo:hi:stride], key=lambda e: -e[-1]):
+            for entry in sorted(entries, key=lambda e: -e[-1])[: self.occurrences]:
                 start = entry[-1] + n - self._offset
                 cont = self._tokens[start : start + depth]
                 if _SEP in cont:
@@ -184,8 +221,9 @@ class NGramMemory:
         return (*key, *[_SEP] * (self.max_ngram - len(key)), position)
 
     def _forget(self) -> None:
-        """Drop the oldest sequences until at most `capacity` tokens are left."""
-        drop = len(self) - self.capacity  # tokens to forget, rounded up to whole sequences
+        """Drop the oldest sequences until at most seven eighths of `capacity` tokens are left (the slack
+        spreads the cost of rebuilding the index over many additions)."""
+        drop = len(self) - self.capacity + self.capacity // 8  # tokens to forget, rounded up to whole sequences
         cut = 0
         while drop > 0:
             end = self._tokens.index(_SEP, cut)
@@ -193,4 +231,11 @@ class NGramMemory:
             cut = end + 1
         self._offset += cut
         self._tokens = self._tokens[cut:]
-        self._entries = [e for e in self._entries if e[-1] >= self._offset]
+        self._entries = sorted(e for e in self._entries + self._recent if e[-1] >= self._offset)
+        self._recent = []
+
+
+def _span(index: list[tuple[int, ...]], ngram: tuple[int, ...]) -> tuple[int, int]:
+    """`(lo, hi)`: the entries of sorted `index` that start with `ngram`."""
+    lo = bisect.bisect_left(index, ngram)
+    return lo, bisect.bisect_left(index, (*ngram, _TOP), lo)
