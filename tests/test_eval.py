@@ -3,6 +3,7 @@
 import json
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from tiny import tiny_model
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from eval import spec_bench
 from eval.report import tokens_per_second
 from eval.run import run, select_questions
 from heads.medusa import MedusaHeads
@@ -151,3 +153,29 @@ def test_control_group_sets_the_controller(setup):
 
     assert longest("control-default") > 2  # every draft token is accepted
     assert longest("control-depth1", extra=("control.max_depth=1",)) == 2  # one draft token + the bonus token
+
+
+def test_categories_as_spec_bench_names_them():
+    assert spec_bench.categories({"category": "mt_bench", "subcategory": "coding"}) == ("coding", "mt_bench")
+    assert spec_bench.categories({"category": "writing"}) == ("writing", "mt_bench")  # Spec-Bench's own file
+    assert spec_bench.categories({"category": "rag"}) == ("rag", "rag")
+    assert spec_bench.categories({"category": "vicuna"}) == ("vicuna", "vicuna")  # another question set
+    with pytest.raises(ValueError, match="needs 'subcategory'"):
+        spec_bench.categories({"question_id": 9, "category": "mt_bench"})
+
+
+def test_spec_bench_speed_on_hand_computed_records():
+    def record(category: str, turns: list[str], new_tokens: list[int], wall_time: list[float]) -> dict:
+        return {"category": category, "choices": [{"turns": turns, "new_tokens": new_tokens, "wall_time": wall_time}]}
+
+    def words_plus_bos(text: str) -> SimpleNamespace:  # a tokenizer: one token a word, plus a BOS token
+        return SimpleNamespace(input_ids=[1] + [7] * len(text.split()))
+
+    method = [record("writing", ["x"], [10, 20], [1.0, 2.0]), record("rag", ["x"], [8], [2.0])]
+    base = [record("writing", ["a b c", "d e f g h"], [9, 9], [1.0, 1.0]), record("rag", ["a b"], [9], [1.0])]
+    mt_bench = spec_bench.speed(method, base, words_plus_bos, "mt_bench")  # 30 / 3 = 10 tok/s vs 8 / 2
+    assert (mt_bench.tokens_per_s, mt_bench.baseline_tokens_per_s, mt_bench.speedup) == (10.0, 4.0, 2.5)
+    assert spec_bench.speed(method, base, words_plus_bos, "rag").speedup == 4.0 / 2.0
+    assert spec_bench.speed(method, base, words_plus_bos, "overall").speedup == pytest.approx((10 + 4) / (4 + 2))
+    assert spec_bench.speed(method, base, words_plus_bos, "writing").speedup == 2.5  # category == task, as speed.py
+    assert spec_bench.speed(method, base, words_plus_bos, "qa") is None  # nothing kept
