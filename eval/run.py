@@ -2,9 +2,10 @@
 
 Methods run interleaved per question, so machine noise hits them alike, after a warm-up. Multi-turn
 questions are answered turn by turn with the chat template, each method continuing its own conversation.
-Per method it writes `answers/<method>.jsonl` in Spec-Bench's answer format (plus `token_ids` per turn),
-then `summary.json` (recomputed from the answer files), a markdown table, and PNG plots. Re-running the
-same command resumes: questions already answered by a method are skipped.
+Per method it writes `answers/<method>.jsonl` in Spec-Bench's answer layout (which Spec-Bench's own
+`evaluation/speed.py` reads; plus `task`, and `token_ids` per turn), then `summary.json` (recomputed from
+the answer files), `summary.md`, and PNG plots. Re-running the same command resumes: questions already
+answered by a method are skipped.
 
 Run: .venv/bin/python -m eval.run [questions=PATH] [per_category=N] [max_new_tokens=N] [dtype=fp32|bf16]
                                  [temperature=T] [seed=N]
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,51 +27,59 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from eval.methods import Method, build_methods
-from eval.report import environment, markdown_table, plot, read_answers, summarize
+from eval.report import environment, load_tokenizer, markdown, plot, read_answers, summarize
+from eval.spec_bench import categories
 from specdec.chat import answer_turns, chat_input_ids, load_questions
 from specdec.models import load_model
 
 
 def select_questions(path: str, per_category: int | None) -> list[dict]:
-    """The first `per_category` questions of each category, in file order."""
+    """The first `per_category` questions of each task (`eval.spec_bench.categories`), in file order."""
     taken: dict[str, int] = defaultdict(int)
     chosen = []
     for q in load_questions(path):
-        if per_category is None or taken[q["category"]] < per_category:
-            taken[q["category"]] += 1
+        task = categories(q)[1]
+        if per_category is None or taken[task] < per_category:
+            taken[task] += 1
             chosen.append(q)
     return chosen
 
 
 def answer(method: Method, tokenizer, question: dict, model_id: str) -> dict:
-    """One Spec-Bench answer record: every turn answered by `method`, timed."""
-    turns, new_tokens, wall_time, accept_lengths, token_ids = [], [], [], [], []
+    """One answer record in Spec-Bench's layout (`evaluation/eval.py`): every turn answered by `method`,
+    timed; `accept_lengths` one list over all turns (`decoding_steps` says how many belong to each turn),
+    `category` as Spec-Bench names it. The harness's own fields: `task`, and `token_ids` per turn."""
+    turns, new_tokens, wall_time, accept_lengths, steps, token_ids = [], [], [], [], [], []
 
     def respond(ids: torch.Tensor) -> torch.Tensor:
         result = method(ids)
         turns.append(tokenizer.decode(result.new_ids, skip_special_tokens=True))
         new_tokens.append(len(result.new_ids))
         wall_time.append(result.wall_time)
-        accept_lengths.append(result.accept_lengths)
+        accept_lengths.extend(result.accept_lengths)
+        steps.append(len(result.accept_lengths))
         token_ids.append(result.new_ids)
         return torch.tensor(result.new_ids)
 
     answer_turns(tokenizer, question["turns"], respond)
+    category, task = categories(question)
     choice = {
         "index": 0,
         "turns": turns,
+        "decoding_steps": steps,
         "new_tokens": new_tokens,
         "wall_time": wall_time,
         "accept_lengths": accept_lengths,
-        "decoding_steps": [len(a) for a in accept_lengths],
         "token_ids": token_ids,
     }
     return {
         "question_id": question["question_id"],
-        "category": question["category"],
+        "category": category,
+        "answer_id": uuid.uuid4().hex,
         "model_id": model_id,
         "choices": [choice],
         "tstamp": time.time(),
+        "task": task,
     }
 
 
@@ -92,6 +102,7 @@ def run(cfg: DictConfig) -> dict:
     todo = [q for q in questions if any(q["question_id"] not in done[m] for m in cfg.methods)]
     print(f"{len(questions)} questions, {len(questions) - len(todo)} already answered by every method")
 
+    tokenizer = None
     if todo:
         torch.manual_seed(cfg.seed)
         target, tokenizer = load_model(cfg.target, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
@@ -110,13 +121,13 @@ def run(cfg: DictConfig) -> dict:
     summary = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "environment": environment(),
-        "methods": summarize(answers, sampled=cfg.temperature > 0),
+        "methods": summarize(answers, tokenizer or load_tokenizer(cfg.target), sampled=cfg.temperature > 0),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = markdown_table(summary["methods"])
-    (out_dir / "summary.md").write_text(table + "\n")
-    plots = plot(summary["methods"], answers, out_dir)
-    print(table)
+    text = markdown(summary["methods"])
+    (out_dir / "summary.md").write_text(text + "\n")
+    plots = plot(summary["methods"], out_dir)
+    print(text)
     print(f"written: {out_dir / 'summary.json'}, {out_dir / 'summary.md'}, {', '.join(map(str, plots))}")
     return summary
 

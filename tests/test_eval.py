@@ -1,24 +1,86 @@
-"""The harness on tiny models: Spec-Bench answer files, a summary that recomputes from them, resume."""
+"""The harness on tiny models: Spec-Bench answer files that Spec-Bench's own speed.py reads, a summary that
+recomputes from them, resume."""
 
+import functools
+import itertools
 import json
 import statistics
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from tiny import tiny_model
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from eval.report import tokens_per_second
+from eval import spec_bench
+from eval.report import acceptance_by_depth, read_answers, steps_with_at_most, tokens_per_second
 from eval.run import run, select_questions
 from heads.medusa import MedusaHeads
 from specdec.drafters import NGramMemory
 from specdec.models import ASSETS, BUILTIN_DRAFT
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-SPEC_BENCH_KEYS = {"question_id", "category", "model_id", "choices", "tstamp"}
-CHOICE_KEYS = {"index", "turns", "new_tokens", "wall_time", "accept_lengths", "decoding_steps"}
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SPEC_BENCH_KEYS = {"question_id", "category", "answer_id", "model_id", "choices", "tstamp"}  # evaluation/eval.py
+CHOICE_KEYS = {"index", "turns", "decoding_steps", "new_tokens", "wall_time", "accept_lengths"}
+QUESTIONS = [  # as in the dev split: the task in `category`, MT-bench's own category in `subcategory`
+    {"question_id": 0, "category": "mt_bench", "subcategory": "writing", "turns": ["Hello there.", "And then?"]},
+    {"question_id": 1, "category": "mt_bench", "subcategory": "coding", "turns": ["def f(x):\n    return x + 1\n"]},
+    {"question_id": 2, "category": "mt_bench", "subcategory": "math", "turns": ["Not selected: per_category=2."]},
+    {"question_id": 3, "category": "translation", "turns": ["Translate German-to-English: Guten Morgen."]},
+    {"question_id": 4, "category": "summarization", "turns": ["Summarize: the cat sat on the mat. It slept."]},
+    {"question_id": 5, "category": "qa", "turns": ["Who wrote Hamlet?"]},
+    {"question_id": 6, "category": "math_reasoning", "turns": ["Tom has 3 apples and buys 2. How many now?"]},
+    {"question_id": 7, "category": "rag", "turns": ["Context: Paris is in France.\nWhere is Paris?"]},
+]
+SELECTED = [0, 1, 3, 4, 5, 6, 7]  # per_category=2
+FEW = [0, 1, 3]
+SPEED_PY_TASKS = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag", "overall"]
+
+
+@functools.cache
+def _tokenizer(path: Path):
+    return AutoTokenizer.from_pretrained(path)  # speed.py loads it on every call; once is enough here
+
+
+def spec_bench_speed(jsonl_file, jsonl_file_base, tokenizer, task=None, report=True):
+    """Spec-Bench's `evaluation/speed.py` `speed()` (hemingkx/Spec-Bench, commit fd2c1cd), rewritten from what
+    it does, independently of `eval.spec_bench`: each file filtered on its own (`overall`: every record;
+    `mt_bench`: `category` one of MT-bench's eight; else `category == task`); per record tokens over the
+    summed `wall_time`, the method's tokens `sum(new_tokens)`, the baseline's `len(tokenizer(turn).input_ids)
+    - 1` per turn of its text; speedup = mean of the method's per-record rates / mean of the baseline's. The
+    report takes `np.mean` of the method's `accept_lengths` concatenated over records (what crashed on the
+    per-turn layout)."""
+    tokenizer = _tokenizer(tokenizer)
+    mt_bench = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
+
+    def kept(path):
+        records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        if task == "overall":
+            return records
+        if task == "mt_bench":
+            return [r for r in records if r["category"] in mt_bench]
+        return [r for r in records if r["category"] == task]
+
+    speeds, accept_lengths = [], []
+    for record in kept(jsonl_file):
+        choice = record["choices"][0]
+        accept_lengths.extend(choice["accept_lengths"])
+        speeds.append(sum(choice["new_tokens"]) / sum(choice["wall_time"]))
+    base_speeds = []
+    for record in kept(jsonl_file_base):
+        choice = record["choices"][0]
+        tokens = sum(len(tokenizer(turn).input_ids) - 1 for turn in choice["turns"])
+        base_speeds.append(tokens / sum(choice["wall_time"]))
+    rate, base_rate = np.array(speeds).mean(), np.array(base_speeds).mean()
+    if report:
+        print(f"Task: {task}; mean accepted tokens: {np.mean(accept_lengths)}; {rate} vs {base_rate} tokens/s")
+    return rate, base_rate, rate / base_rate, accept_lengths
 
 
 def save_tiny(path: Path, seed: int, layers: int) -> Path:
@@ -34,18 +96,16 @@ def save_tiny(path: Path, seed: int, layers: int) -> Path:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     questions = root / "questions.jsonl"
-    rows = [
-        {"question_id": 0, "category": "chat", "turns": ["Hello there.", "And then?"]},
-        {"question_id": 1, "category": "chat", "turns": ["Name a colour."]},
-        {"question_id": 2, "category": "chat", "turns": ["Not selected: per_category=2."]},
-        {"question_id": 3, "category": "code", "turns": ["def f(x):\n    return x + 1\n\ndef g(x):"]},
-    ]
-    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    few = root / "few.jsonl"  # for the tests that need not cover every task: two tasks, one multi-turn question
+    few.write_text("".join(json.dumps(QUESTIONS[i]) + "\n" for i in FEW))
     return save_tiny(root / "target", 0, 2), save_tiny(root / "draft", 1, 1), questions, root
 
 
-def config(setup, methods="[baseline,ngram]", extra=()):
+def config(setup, methods="[baseline,ngram]", extra=(), few=False):
+    """The eval config on the tiny pair: the questions of every task (`few`: only FEW), 12 new tokens."""
     target, draft, questions, root = setup
+    questions = root / "few.jsonl" if few else questions
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(
             config_name="eval",
@@ -64,50 +124,163 @@ def config(setup, methods="[baseline,ngram]", extra=()):
         )
 
 
+@pytest.fixture(scope="module")
+def answered(setup):
+    """One run of plain decoding, the n-gram source and a peer without step counts; its summary."""
+    return run(config(setup, methods="[baseline,ngram,hf_prompt_lookup]"))
+
+
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_select_questions_takes_the_first_n_per_category(setup):
-    assert [q["question_id"] for q in select_questions(str(setup[2]), 2)] == [0, 1, 3]
+def test_select_questions_takes_the_first_n_per_task(setup, tmp_path):
+    assert [q["question_id"] for q in select_questions(str(setup[2]), 2)] == SELECTED
+    assert [q["question_id"] for q in select_questions(str(setup[2]), 1)] == [0, 3, 4, 5, 6, 7]
+    own = tmp_path / "spec_bench_question.jsonl"  # Spec-Bench's own file: MT-bench's categories are one task
+    rows = [{"question_id": i, "category": c, "turns": ["?"]} for i, c in enumerate(["writing", "coding", "qa"])]
+    own.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [q["question_id"] for q in select_questions(str(own), 1)] == [0, 2]
 
 
-def test_run_writes_spec_bench_answers_and_a_summary_that_recomputes(setup):
-    summary = run(config(setup))
+def test_categories_as_spec_bench_names_them():
+    assert spec_bench.categories({"category": "mt_bench", "subcategory": "coding"}) == ("coding", "mt_bench")
+    assert spec_bench.categories({"category": "writing"}) == ("writing", "mt_bench")  # Spec-Bench's own file
+    assert spec_bench.categories({"category": "rag"}) == ("rag", "rag")
+    assert spec_bench.categories({"category": "vicuna"}) == ("vicuna", "vicuna")  # another question set
+    with pytest.raises(ValueError, match="needs 'subcategory'"):
+        spec_bench.categories({"question_id": 9, "category": "mt_bench"})
+
+
+def test_the_default_question_set_is_the_dev_split():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="eval")
+    path = OmegaConf.to_container(cfg)["questions"]
+    assert path.endswith("/eval/data/dev_spec_bench_question.jsonl") and cfg.per_category == 3
+    questions = select_questions(str(ROOT / "eval" / "data" / "dev_spec_bench_question.jsonl"), None)
+    tasks = [spec_bench.categories(q) for q in questions]
+    assert {t: [task for _, task in tasks].count(t) for t in spec_bench.TASKS} == dict.fromkeys(spec_bench.TASKS, 40)
+    assert {c for c, task in tasks if task == "mt_bench"} == set(spec_bench.MT_BENCH_CATEGORIES)
+    assert len(select_questions(str(ROOT / "eval" / "data" / "dev_spec_bench_question.jsonl"), 3)) == 18
+
+
+def test_answer_files_have_spec_bench_layout(setup, answered):
+    out = setup[3] / "out" / "answers"
+    for method in ("baseline", "ngram", "hf_prompt_lookup"):
+        records = lines(out / f"{method}.jsonl")
+        assert [r["question_id"] for r in records] == SELECTED
+        assert [r["category"] for r in records[:2]] == ["writing", "coding"]  # MT-bench's own, as Spec-Bench's
+        assert [r["category"] for r in records[2:]] == [r["task"] for r in records[2:]] == list(spec_bench.TASKS[1:])
+        assert {r["task"] for r in records[:2]} == {"mt_bench"}
+        for record in records:
+            assert record.keys() >= SPEC_BENCH_KEYS and record["choices"][0].keys() >= CHOICE_KEYS
+            choice = record["choices"][0]
+            turns = len(choice["turns"])
+            assert turns == len(choice["new_tokens"]) == len(choice["wall_time"]) == len(choice["decoding_steps"])
+            assert all(type(n) is int for n in choice["accept_lengths"])  # one flat list over the turns
+            assert len(choice["accept_lengths"]) == sum(choice["decoding_steps"])
+            if method != "hf_prompt_lookup":  # Hugging Face's peers report no steps
+                ends = np.cumsum([0, *choice["decoding_steps"]])
+                per_turn = [sum(choice["accept_lengths"][a:b]) for a, b in itertools.pairwise(ends)]
+                assert per_turn == choice["new_tokens"]
+        assert len(records[0]["choices"][0]["turns"]) == 2  # the multi-turn question, answered turn by turn
+
+
+def test_summary_recomputes_from_the_answer_files(setup, answered):
     out = setup[3] / "out"
     base, ngram = lines(out / "answers" / "baseline.jsonl"), lines(out / "answers" / "ngram.jsonl")
-    assert [r["question_id"] for r in base] == [r["question_id"] for r in ngram] == [0, 1, 3]
-    for record in base + ngram:
-        assert record.keys() >= SPEC_BENCH_KEYS and record["choices"][0].keys() >= CHOICE_KEYS
-        choice = record["choices"][0]
-        assert len(choice["turns"]) == len(choice["new_tokens"]) == len(choice["wall_time"])
-        assert all(sum(a) == n for a, n in zip(choice["accept_lengths"], choice["new_tokens"], strict=True))
-    assert len(base[0]["choices"][0]["turns"]) == 2  # the multi-turn question, answered turn by turn
-
-    s = summary["methods"]["ngram"]
+    s = answered["methods"]["ngram"]
     speeds = {r["question_id"]: tokens_per_second(r) for r in ngram}
     base_speeds = {r["question_id"]: tokens_per_second(r) for r in base}
     expected = statistics.fmean(speeds.values()) / statistics.fmean(base_speeds.values())
     assert s["speedup"]["overall"] == pytest.approx(expected)
-    chat = [0, 1]
-    expected_chat = statistics.fmean(speeds[q] for q in chat) / statistics.fmean(base_speeds[q] for q in chat)
-    assert s["speedup"]["chat"] == pytest.approx(expected_chat)
-    all_lengths = [n for r in ngram for turn in r["choices"][0]["accept_lengths"] for n in turn]
-    assert s["mean_accepted_length"] == pytest.approx(statistics.fmean(all_lengths))
-    assert s["identical_share"] == 1.0 and summary["methods"]["baseline"]["speedup"]["overall"] == pytest.approx(1.0)
+    mt_bench = [0, 1]
+    expected_mt = statistics.fmean(speeds[q] for q in mt_bench) / statistics.fmean(base_speeds[q] for q in mt_bench)
+    assert s["speedup"]["mt_bench"] == pytest.approx(expected_mt)
+    assert list(s["speedup"]) == list(s["spec_bench_speedup"]) == ["overall", *spec_bench.TASKS]
+    all_lengths = [n for r in ngram for n in r["choices"][0]["accept_lengths"]]
+    assert s["mean_accepted_length"]["overall"] == pytest.approx(statistics.fmean(all_lengths))
+    for task in spec_bench.TASKS:  # acceptance by depth per task
+        lengths = [n for r in ngram if r["task"] == task for n in r["choices"][0]["accept_lengths"]]
+        assert s["mean_accepted_length"][task] == pytest.approx(statistics.fmean(lengths))
+        assert s["acceptance_by_depth"][task] == acceptance_by_depth(lengths)
+    assert s["identical_share"] == 1.0 and answered["methods"]["baseline"]["speedup"]["overall"] == pytest.approx(1.0)
     assert json.loads((out / "summary.json").read_text())["methods"]["ngram"] == s
-    assert (out / "speedup.png").stat().st_size > 0 and (out / "accept_lengths.png").stat().st_size > 0
+    md = (out / "summary.md").read_text()
+    assert "Spec-Bench's evaluation/speed.py" in md
+    assert all(f"| ngram | {task} | " in md for task in ["overall", *spec_bench.TASKS])  # acceptance rows
+    assert "| baseline | overall | " not in md and "| hf_prompt_lookup | overall | " not in md  # nothing drafted
+
+
+def test_spec_bench_speed_py_runs_on_every_task_and_matches_the_summary(setup, answered):
+    answers, tokenizer = setup[3] / "out" / "answers", setup[0]
+    baseline = answered["methods"]["baseline"]  # the two countings differ on these files, so matching one tells
+    assert baseline["speedup"]["overall"] == pytest.approx(1.0) != baseline["spec_bench_speedup"]["overall"]
+    for method in ("baseline", "ngram", "hf_prompt_lookup"):
+        for task in SPEED_PY_TASKS:
+            with warnings.catch_warnings():  # the peer reports no accepted lengths: speed.py prints NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                _, _, ratio, _ = spec_bench_speed(
+                    answers / f"{method}.jsonl", answers / "baseline.jsonl", tokenizer, task
+                )
+            assert np.isfinite(ratio)
+            assert answered["methods"][method]["spec_bench_speedup"][task] == pytest.approx(ratio), (method, task)
+
+
+def test_older_per_turn_layout_is_refused_clearly(setup, answered, tmp_path):
+    record = lines(setup[3] / "out" / "answers" / "ngram.jsonl")[0]
+    record["choices"][0]["accept_lengths"] = [[1, 3], [2]]  # per turn, as the harness used to write it
+    del record["task"]
+    old = tmp_path / "answers" / "ngram.jsonl"
+    old.parent.mkdir()
+    old.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match="inhomogeneous"):  # what speed.py's report did on it
+        spec_bench_speed(old, setup[3] / "out" / "answers" / "baseline.jsonl", setup[0], "overall")
+    with pytest.raises(ValueError, match=r"ngram.jsonl:1: .* older layout .*move"):
+        read_answers(old)
+
+
+def test_spec_bench_speed_on_hand_computed_records():
+    def record(category: str, turns: list[str], new_tokens: list[int], wall_time: list[float]) -> dict:
+        return {"category": category, "choices": [{"turns": turns, "new_tokens": new_tokens, "wall_time": wall_time}]}
+
+    def words_plus_bos(text: str) -> SimpleNamespace:  # a tokenizer: one token a word, plus a BOS token
+        return SimpleNamespace(input_ids=[1] + [7] * len(text.split()))
+
+    method = [record("writing", ["x"], [10, 20], [1.0, 2.0]), record("rag", ["x"], [8], [2.0])]
+    base = [record("writing", ["a b c", "d e f g h"], [9, 9], [1.0, 1.0]), record("rag", ["a b"], [9], [1.0])]
+    mt_bench = spec_bench.speed(method, base, words_plus_bos, "mt_bench")  # 30 / 3 = 10 tok/s vs 8 / 2
+    assert (mt_bench.tokens_per_s, mt_bench.baseline_tokens_per_s, mt_bench.speedup) == (10.0, 4.0, 2.5)
+    assert spec_bench.speed(method, base, words_plus_bos, "rag").speedup == 4.0 / 2.0
+    assert spec_bench.speed(method, base, words_plus_bos, "overall").speedup == pytest.approx((10 + 4) / (4 + 2))
+    assert spec_bench.speed(method, base, words_plus_bos, "writing").speedup == 2.5  # category == task, as speed.py
+    assert spec_bench.speed(method, base, words_plus_bos, "qa") is None  # nothing kept
+
+
+def test_acceptance_by_depth_and_cumulative_steps():
+    by_depth = acceptance_by_depth([1, 1, 2, 4])  # steps gaining 1, 1, 2 and 4 tokens
+    assert by_depth == {"1": 0.5, "2": 0.25, "3": 0.25}
+    assert steps_with_at_most(by_depth) == [0.5, 0.75, 0.75, 1.0]
+    assert steps_with_at_most(acceptance_by_depth([1, 1])) == [1.0]
+
+
+def test_plots_are_written(setup, answered):
+    out = setup[3] / "out"
+    for name in ("speedup.png", "acceptance_by_depth.png", "tokens_per_step.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "accept_lengths.png").exists()
 
 
 def test_rerun_resumes_and_skips_finished_questions(setup):
-    out = setup[3] / "out" / "answers"
-    run(config(setup))
+    extra = (f"out_dir={setup[3] / 'resume'}",)
+    out = setup[3] / "resume" / "answers"
+    run(config(setup, few=True, extra=extra))
     before = {p.name: p.read_text() for p in out.glob("*.jsonl")}
-    run(config(setup))  # everything answered: nothing is redone
+    run(config(setup, few=True, extra=extra))  # everything answered: nothing is redone
     assert {p.name: p.read_text() for p in out.glob("*.jsonl")} == before
-    run(config(setup, methods="[baseline,ngram,draft]"))  # a new method answers every question, others skip
+    run(config(setup, few=True, methods="[baseline,ngram,draft]", extra=extra))  # a new method answers them all
     assert {p.name: p.read_text() for p in out.glob("*.jsonl") if p.name != "draft.jsonl"} == before
-    assert [r["question_id"] for r in lines(out / "draft.jsonl")] == [0, 1, 3]
+    assert [r["question_id"] for r in lines(out / "draft.jsonl")] == FEW
 
 
 def test_unknown_method_is_a_clear_error(setup):
@@ -119,12 +292,12 @@ def test_sampling_run_reports_speed_and_acceptance_but_no_identity(setup):
     heads = MedusaHeads.for_model(LlamaForCausalLM.from_pretrained(setup[0]), num_heads=2)
     heads.save_pretrained(setup[3] / "heads")
     extra = ("temperature=0.8", f"out_dir={setup[3] / 'sampled'}", f"medusa_heads={setup[3] / 'heads'}")
-    summary = run(config(setup, methods="[baseline,draft,medusa]", extra=extra))["methods"]
-    assert summary["draft"]["identical_share"] is None and summary["draft"]["mean_accepted_length"] >= 1.0
-    assert summary["medusa"]["questions"] == 3
+    summary = run(config(setup, few=True, methods="[baseline,draft,medusa]", extra=extra))["methods"]
+    assert summary["draft"]["identical_share"] is None and summary["draft"]["mean_accepted_length"]["overall"] >= 1.0
+    assert summary["medusa"]["questions"] == len(FEW)
     for record in lines(setup[3] / "sampled" / "answers" / "draft.jsonl"):
         choice = record["choices"][0]
-        assert all(sum(a) == n for a, n in zip(choice["accept_lengths"], choice["new_tokens"], strict=True))
+        assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"])
 
 
 def test_ngram_memory_method_stays_identical_and_refuses_another_models_memory(setup):
@@ -134,10 +307,11 @@ def test_ngram_memory_method_stays_identical_and_refuses_another_models_memory(s
     memory.add(target.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=20, do_sample=False)[0].tolist())
     memory.save_pretrained(setup[3] / "memory")
     extra = (f"out_dir={setup[3] / 'memory-run'}", f"ngram_memory={setup[3] / 'memory'}")
-    summary = run(config(setup, methods="[baseline,ngram_memory]", extra=extra))["methods"]
-    assert summary["ngram_memory"]["identical_share"] == 1.0 and summary["ngram_memory"]["questions"] == 3
+    summary = run(config(setup, few=True, methods="[baseline,ngram_memory]", extra=extra))["methods"]
+    assert summary["ngram_memory"]["identical_share"] == 1.0 and summary["ngram_memory"]["questions"] == len(FEW)
+    builtin = (f"out_dir={setup[3] / 'builtin-memory'}",)
     with pytest.raises(ValueError, match="fingerprint"):  # the built-in memory holds the real target's outputs
-        run(config(setup, methods="[baseline,ngram_memory]", extra=(f"out_dir={setup[3] / 'builtin-memory'}",)))
+        run(config(setup, few=True, methods="[baseline,ngram_memory]", extra=builtin))
 
 
 def test_control_group_sets_the_controller(setup):
@@ -145,9 +319,9 @@ def test_control_group_sets_the_controller(setup):
         """The longest accepted run when the target drafts for itself, with no confidence threshold."""
         no_threshold = ("control.initial_threshold=1e-12", "control.min_threshold=1e-12")
         extra = (f"draft={setup[0]}", f"out_dir={setup[3] / out}", *no_threshold, *extra)
-        run(config(setup, methods="[baseline,draft]", extra=extra))
+        run(config(setup, few=True, methods="[baseline,draft]", extra=extra))
         records = lines(setup[3] / out / "answers" / "draft.jsonl")
-        return max(n for r in records for turn in r["choices"][0]["accept_lengths"] for n in turn)
+        return max(n for r in records for n in r["choices"][0]["accept_lengths"])
 
     assert longest("control-default") > 2  # every draft token is accepted
     assert longest("control-depth1", extra=("control.max_depth=1",)) == 2  # one draft token + the bonus token
