@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from omegaconf import DictConfig
 
 from heads.medusa import MedusaHeads
 from specdec.control import Controller
-from specdec.drafters import Composite, Drafter, MedusaDrafter, ModelDrafter, NGramDrafter
+from specdec.drafters import Composite, Drafter, MedusaDrafter, ModelDrafter, NGramDrafter, NGramMemory
 from specdec.generate import SpeculativeGenerator
 
 PEERS = ("hf_assisted", "hf_prompt_lookup")
@@ -42,8 +43,11 @@ Method = Callable[[torch.Tensor], Result]
 def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
     """The configured methods, by name. Raises ValueError on an unknown name."""
 
+    load_memory = functools.cache(lambda: NGramMemory.from_pretrained(cfg.ngram_memory))  # read once
+
     def ngram_memory() -> NGramDrafter:
-        return NGramDrafter(**cfg.ngram_settings, memory=cfg.ngram_memory)
+        # each method learns from its own answers only: a copy of its own, sharing the loaded index
+        return NGramDrafter(**cfg.ngram_settings, memory=load_memory().copy())
 
     def medusa() -> MedusaDrafter:
         return MedusaDrafter(MedusaHeads.from_pretrained(cfg.medusa_heads, target))

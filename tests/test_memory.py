@@ -83,6 +83,17 @@ def test_extend_keeps_what_adding_one_by_one_keeps():
     assert at_once._tokens == one_by_one._tokens  # nothing of the refused batch was stored
 
 
+def test_a_copy_shares_the_index_and_learns_on_its_own():
+    memory = NGramMemory(max_ngram=1, min_ngram=1)
+    memory.extend([[1, 2, 3], [1, 4, 5]])
+    twin = memory.copy()
+    assert twin._entries is memory._entries  # the big index is read once, whatever the number of copies
+    twin.add([1, 9])
+    memory.add([1, 7])
+    assert twin.continuations([1], 1) == [[9], [4], [2]]
+    assert memory.continuations([1], 1) == [[7], [4], [2]]
+
+
 def test_save_and_load_round_trip(tmp_path):
     target = tiny_model("llama")
     memory = NGramMemory(max_ngram=3, min_ngram=1, occurrences=7)
