@@ -15,6 +15,7 @@ Run: .venv/bin/python -m eval.run [questions=PATH] [per_category=N] [max_new_tok
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -34,15 +35,19 @@ from specdec.models import load_model
 
 
 def select_questions(path: str, per_category: int | None) -> list[dict]:
-    """The first `per_category` questions of each task (`eval.spec_bench.categories`), in file order."""
-    taken: dict[str, int] = defaultdict(int)
+    """The first `per_category` questions of each task (`eval.spec_bench.categories`), in file order; within a
+    task of several categories (mt_bench: writing, roleplay, ...) the categories take turns, so that a few
+    questions cover several of them rather than the first one only."""
+    questions = load_questions(path)
+    by_task: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, q in enumerate(questions):
+        category, task = categories(q)
+        by_task[task][category].append(i)
     chosen = []
-    for q in load_questions(path):
-        task = categories(q)[1]
-        if per_category is None or taken[task] < per_category:
-            taken[task] += 1
-            chosen.append(q)
-    return chosen
+    for groups in by_task.values():
+        in_turn = [i for row in itertools.zip_longest(*groups.values()) for i in row if i is not None]
+        chosen += in_turn[:per_category] if per_category is not None else in_turn
+    return [questions[i] for i in sorted(chosen)]
 
 
 def answer(method: Method, tokenizer, question: dict, model_id: str) -> dict:

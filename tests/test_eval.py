@@ -161,7 +161,10 @@ def test_the_default_question_set_is_the_dev_split():
     tasks = [spec_bench.categories(q) for q in questions]
     assert {t: [task for _, task in tasks].count(t) for t in spec_bench.TASKS} == dict.fromkeys(spec_bench.TASKS, 40)
     assert {c for c, task in tasks if task == "mt_bench"} == set(spec_bench.MT_BENCH_CATEGORIES)
-    assert len(select_questions(str(ROOT / "eval" / "data" / "dev_spec_bench_question.jsonl"), 3)) == 18
+    chosen = select_questions(str(ROOT / "eval" / "data" / "dev_spec_bench_question.jsonl"), 3)
+    assert len(chosen) == 18
+    mt_bench = [c for c, task in map(spec_bench.categories, chosen) if task == "mt_bench"]
+    assert len(set(mt_bench)) == 3  # MT-bench's categories in turn, not the first three writing questions
 
 
 def test_answer_files_have_spec_bench_layout(setup, answered):
