@@ -280,7 +280,8 @@ class Controller:
             tree_size: nodes verified (root included); tree_depth: its depth.
             accepted: draft tokens accepted (bonus token not counted).
             promised: the tree's own expected accepted tokens (sum of node probabilities), 0 if unscored.
-            draft_seconds, verify_seconds: measured times.
+            draft_seconds: drafting time; verify_seconds: the rest of the step (the verification forward, acceptance,
+                cache compaction, the drafter's commit), which grows with the tree as the forward does.
         """
         cfg, ema = self.config, self.config.ema
         self._budgets, self._best = {}, None  # the measurements below change both

@@ -260,12 +260,11 @@ class SpeculativeGenerator:
             if keep_hidden:  # the state after the last accepted node: its LM head gave the bonus token
                 hidden = final[-1][0, accepted.path[-1]]
             self.drafter.commit(accepted)
-            if plan is not None:
+            if plan is not None:  # charged to the step: its forward, acceptance, cache compaction and commit
                 stats.plans.append(asdict(plan))
-                promised = tree.expected_gain
-                drafting = toc - tic - catchup
+                drafting, checking = toc - tic - catchup, verify.wall_time(self.target) - toc
                 self.controller.update(
-                    plan, len(tree), tree.max_depth, accepted.num_accepted, promised, drafting, verified - toc
+                    plan, len(tree), tree.max_depth, accepted.num_accepted, tree.expected_gain, drafting, checking
                 )
 
             emitted, done = [], False
