@@ -6,7 +6,9 @@
   (the current context only); `ngram_memory`: the n-gram source with the cross-request memory
   `ngram_memory` (the target's own answers to training prompts, and every answer of this run as it
   goes); `medusa`: specdec with Medusa heads; `composite`: n-gram (with the memory) then draft model
-  (`Composite`); `medusa_ngram`: n-gram (with the memory) then Medusa heads.
+  (`Composite`); `medusa_ngram`: n-gram (with the memory) then Medusa heads; `useless` (random tokens) and
+  `collapsing` (`ngram_memory` for the first half of each answer, random tokens after): sources made to fail
+  (eval/stress.py), which the controller must survive.
 - `hf_assisted`: Hugging Face assisted generation with the same draft (`assistant_model=`).
 - `hf_prompt_lookup`: Hugging Face prompt lookup decoding (`prompt_lookup_num_tokens=`).
 """
@@ -22,9 +24,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from eval.stress import Collapsing, Useless
 from heads.medusa import MedusaHeads
 from specdec.control import Controller
 from specdec.drafters import Composite, Drafter, MedusaDrafter, ModelDrafter, NGramDrafter, NGramMemory
+from specdec.drafters.model import vocab_size
 from specdec.generate import SpeculativeGenerator
 
 PEERS = ("hf_assisted", "hf_prompt_lookup")
@@ -60,6 +64,8 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
         "composite": lambda: Composite([ngram_memory(), ModelDrafter(draft, **cfg.draft_settings)]),
         "medusa": medusa,
         "medusa_ngram": lambda: Composite([ngram_memory(), medusa()]),
+        "useless": lambda: Useless(vocab_size(target)),  # eval/stress.py: the controller must lose ~nothing
+        "collapsing": lambda: Collapsing(ngram_memory(), vocab_size(target), after=cfg.max_new_tokens // 2),
     }
     settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False)
     if cfg.temperature > 0:  # sampling: the same warping for every method; identity is then meaningless
