@@ -182,26 +182,19 @@ class SpeculativeGenerator:
             NotImplementedError: batch size > 1, and options (beam search, repetition penalty, typical_p,
                 ...) that specdec does not reproduce yet; use `target.generate` for those.
         """
-        config, model_kwargs = _resolve_config(self.target, generation_config, kwargs)
-        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
-        attention_mask = model_kwargs.pop("attention_mask", None)
-        if model_kwargs:
-            raise TypeError(f"unsupported generate() arguments: {sorted(model_kwargs)}")
-        prompt, padding = _unpad(input_ids, attention_mask)
-        _check_token_ids(prompt, self.target)
-        _refuse_unreproduced_processing(self.target, config, input_ids)
-        limits = _limits(config, input_ids[0, :padding].tolist(), prompt.shape[1], stopping_criteria, tokenizer)
-        verify.check_window(self.target.config, limits.max_length)
-        if limits.sampling is not None and generator is None:
-            generator = default_generator()
-        with self._lock:
-            try:
+        try:
+            config, limits, input_ids, prompt = self._prepare(
+                inputs, generation_config, stopping_criteria, kwargs, tokenizer
+            )
+            if limits.sampling is not None and generator is None:
+                generator = default_generator()
+            with self._lock:
                 if streamer is not None:
                     streamer.put(input_ids.cpu())
                 new_tokens, logits, stats = self._decode(prompt, limits, streamer, generator)
-            finally:  # a consumer waiting on the streamer is released whatever happened
-                if streamer is not None:
-                    streamer.end()
+        finally:  # a consumer waiting on the streamer is released whatever happened, bad input included
+            if streamer is not None:
+                streamer.end()
         sequences = torch.cat([input_ids, torch.tensor([new_tokens], dtype=input_ids.dtype).to(input_ids.device)], 1)
         if not config.return_dict_in_generate:
             return sequences
@@ -212,6 +205,22 @@ class SpeculativeGenerator:
             logits=tuple(logits) if config.output_logits else None,
             spec_stats=stats,
         )
+
+    def _prepare(
+        self, inputs, generation_config, stopping_criteria, kwargs: dict, tokenizer=None
+    ) -> tuple[GenerationConfig, _Limits, torch.Tensor, torch.Tensor]:
+        """Hugging Face's arguments -> (config, limits, input_ids `[1, L]`, unpadded prompt), or a clear error."""
+        config, model_kwargs = _resolve_config(self.target, generation_config, kwargs)
+        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        if model_kwargs:
+            raise TypeError(f"unsupported generate() arguments: {sorted(model_kwargs)}")
+        prompt, padding = _unpad(input_ids, attention_mask)
+        _check_token_ids(prompt, self.target)
+        _refuse_unreproduced_processing(self.target, config, input_ids)
+        limits = _limits(config, input_ids[0, :padding].tolist(), prompt.shape[1], stopping_criteria, tokenizer)
+        verify.check_window(self.target.config, limits.max_length)
+        return config, limits, input_ids, prompt
 
     def _decode(
         self, prompt: torch.Tensor, limits: _Limits, streamer, generator: torch.Generator | None

@@ -58,7 +58,7 @@ def test_a_generation_that_can_outgrow_the_window_is_refused_before_it_starts():
     streamer = Recorder()
     with pytest.raises(ValueError, match="sliding attention window of 40"):
         specdec.generate(target, x, drafter=ModelDrafter(target), max_new_tokens=11, streamer=streamer)
-    assert streamer.tokens == []  # refused before anything was generated
+    assert streamer.tokens == [] and streamer.ended  # refused before anything was generated; the consumer released
 
 
 # ---------------------------------------------------------------- what generate() returns
