@@ -50,6 +50,18 @@ def select_questions(path: str, per_category: int | None) -> list[dict]:
     return [questions[i] for i in sorted(chosen)]
 
 
+def in_turns(questions: list[dict]) -> list[dict]:
+    """The questions with the tasks taking turns (first of each task, then second of each...), so that an
+    interrupted run has answered every task about equally."""
+    rank: dict[str, int] = defaultdict(int)
+    keyed = []
+    for i, q in enumerate(questions):
+        task = categories(q)[1]
+        keyed.append((rank[task], i, q))
+        rank[task] += 1
+    return [q for _, _, q in sorted(keyed, key=lambda k: k[:2])]
+
+
 def answer(method: Method, tokenizer, question: dict, model_id: str) -> dict:
     """One answer record in Spec-Bench's layout (`evaluation/eval.py`): every turn answered by `method`,
     timed; `accept_lengths` one list over all turns (`decoding_steps` says how many belong to each turn),
@@ -104,7 +116,7 @@ def run(cfg: DictConfig) -> dict:
     questions = select_questions(cfg.questions, cfg.per_category)
     paths = {m: out_dir / "answers" / f"{m}.jsonl" for m in cfg.methods}
     done = {m: set(read_answers(p)) for m, p in paths.items()}
-    todo = [q for q in questions if any(q["question_id"] not in done[m] for m in cfg.methods)]
+    todo = in_turns([q for q in questions if any(q["question_id"] not in done[m] for m in cfg.methods)])
     print(f"{len(questions)} questions, {len(questions) - len(todo)} already answered by every method")
 
     tokenizer = None

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from eval import spec_bench
 from eval.report import acceptance_by_depth, read_answers, steps_with_at_most, tokens_per_second
-from eval.run import run, select_questions
+from eval.run import in_turns, run, select_questions
 from heads.medusa import MedusaHeads
 from specdec.drafters import NGramMemory
 from specdec.models import ASSETS, BUILTIN_DRAFT
@@ -141,6 +141,11 @@ def test_select_questions_takes_the_first_n_per_task(setup, tmp_path):
     rows = [{"question_id": i, "category": c, "turns": ["?"]} for i, c in enumerate(["writing", "coding", "qa"])]
     own.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [q["question_id"] for q in select_questions(str(own), 1)] == [0, 2]
+
+
+def test_questions_are_answered_with_the_tasks_in_turn():
+    questions = [{"question_id": i, "category": c, "turns": ["?"]} for i, c in enumerate("aaabbc")]
+    assert [q["question_id"] for q in in_turns(questions)] == [0, 3, 5, 1, 4, 2]
 
 
 def test_categories_as_spec_bench_names_them():
