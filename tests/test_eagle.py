@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 import specdec
 from heads.eagle import EagleHead, default_layers, export_eagle3, rope_frequencies
 from specdec import verify
-from specdec.drafters import EagleDrafter
+from specdec.drafters import Composite, EagleDrafter, NGramDrafter
 from specdec.drafters.base import DecodeState
 from specdec.tree import TokenTree
 
@@ -193,6 +193,22 @@ def test_accepted_drafts_keep_the_heads_context_equal_to_a_fresh_feed(control):
         head(embeds, head.project(context), torch.arange(fed), fresh)
     torch.testing.assert_close(drafter._cache.keys[..., :fed, :], fresh.keys, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(drafter._cache.values[..., :fed, :], fresh.values, atol=1e-5, rtol=1e-5)
+
+
+def test_eagle_in_a_composite_keeps_its_context_when_not_asked():
+    target = tiny_model("llama")
+    expected = target.generate(PROMPT, max_new_tokens=60, do_sample=False, eos_token_id=None)
+    eagle = EagleDrafter(random_head(target, draft_vocab=expected[0, 10:].unique()))
+    composite = Composite([NGramDrafter(), eagle], skip_gain=0.5)  # the n-gram source often ends the round alone
+    depths, propose = [], eagle.propose
+    eagle.propose = lambda state: depths.append(state.max_depth) or propose(state)
+    tokens, expected, stats = greedy(target, composite, n=60, controller=specdec.Controller())
+    assert tokens == expected and composite.hidden_layers == eagle.hidden_layers
+    assert 0 in depths and max(depths) > 0  # asked to draft, and only handed the features
+    assert eagle._received == len(tokens) - stats.accept_lengths[-1] - 1  # every position's, up to the last step
+    other = EagleDrafter(random_head(tiny_model("llama", num_hidden_layers=4)))
+    with pytest.raises(ValueError, match="same target layers"):
+        Composite([eagle, other])
 
 
 # ---------------------------------------------------------------- saving, loading, wrong models
