@@ -240,7 +240,7 @@ class EagleHead(nn.Module):
     Example:
         >>> head = EagleHead.for_model(target)                          # new, untrained
         >>> head = EagleHead.from_pretrained("my-eagle-head", target)   # saved, or an EAGLE-3 checkpoint
-        >>> cache = HeadCache()
+        >>> cache = head.new_cache()
         >>> hidden = head(embed(tokens[1:]), head.project(features[:-1]), positions, cache)  # [T, H]
         >>> head.to_target(head.logits(hidden).argmax(-1))              # target token ids
     """
@@ -268,7 +268,8 @@ class EagleHead(nn.Module):
         layers: tuple[int, ...] | None = None,
         name: str | None = None,
     ) -> EagleHead:
-        """A new (untrained, randomly initialised) head for `model`, in its dtype and on its device.
+        """A new head for `model`, in its dtype and on its device: untrained (torch's default initialisation, from its
+        global RNG).
 
         Args:
             model: the target.
