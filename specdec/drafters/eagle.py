@@ -148,8 +148,8 @@ class EagleDrafter(Drafter):
         return _best(tree, budget, state.min_score)
 
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[F, H]` outputs -> `[F, V']` log-probabilities over the draft vocabulary, on the CPU."""
-        return torch.log_softmax(self.head.logits(hidden).float(), dim=-1).cpu()
+        """`[F, H]` outputs -> `[F, V']` log-probabilities over the draft vocabulary (on the head's device)."""
+        return torch.log_softmax(self.head.logits(hidden).float(), dim=-1)
 
     def _children(
         self, tree: TokenTree, frontier: list[int], logprobs: torch.Tensor, min_score: float
@@ -157,14 +157,14 @@ class EagleDrafter(Drafter):
         """`tree` with each frontier node's `branching` most likely children (path score >= `min_score`), added
         best first; and the new nodes."""
         top_lp, top_ids = logprobs.topk(min(self.branching, logprobs.shape[-1]), dim=-1)  # [F, b]
+        top_lp, top_ids = top_lp.cpu(), self.head.to_target(top_ids).cpu()  # target ids
         scores = tree.scores[frontier].unsqueeze(-1) + top_lp  # [F, b]
         order = scores.flatten().argsort(descending=True, stable=True)
         order = order[scores.flatten()[order] >= min_score]
         rows, cols = order // top_ids.shape[1], order % top_ids.shape[1]
-        tokens = self.head.to_target(top_ids[rows, cols].to(self.head.d2t.device)).cpu()
         n = len(tree)
         grown = TokenTree(
-            tokens=torch.cat([tree.tokens, tokens]),
+            tokens=torch.cat([tree.tokens, top_ids[rows, cols]]),
             parents=torch.cat([tree.parents, torch.tensor(frontier, dtype=torch.long)[rows]]),
             scores=torch.cat([tree.scores, scores[rows, cols]]),
         )
