@@ -235,15 +235,17 @@ class SpeculativeGenerator:
             self.controller.start()
 
         tic = verify.wall_time(self.target)
-        keep_hidden = self.drafter.uses_hidden_states
-        cache, hidden = verify.prefill(self.target, prompt[:, :-1], output_hidden_states=keep_hidden)
+        keep_hidden, layers = self.drafter.uses_hidden_states, self.drafter.hidden_layers
+        with verify.aux_hidden_states(self.target, layers) as aux:
+            cache, hidden = verify.prefill(self.target, prompt[:, :-1], output_hidden_states=keep_hidden)
+        features = aux[-1][0] if aux else None  # [L-1, k*H]: the prompt's, but its last token's
         stats.prefill_time, stats.target_forwards = verify.wall_time(self.target) - tic, int(prompt.shape[1] > 1)
 
         while True:
             room = limits.max_length - len(limits.padding_ids) - len(tokens)  # new tokens still allowed
             plan = self.controller.plan() if self.controller else None
             step_time = self.controller.plain_step_time() if self.controller else None
-            state = _state(tokens, room, plan, limits.sampling, generator, hidden, step_time)
+            state = _state(tokens, room, plan, limits.sampling, generator, hidden, step_time, features)
             if plan is not None and not plan.speculate and self.drafter.free:  # opportunistic: free sources only
                 depth = min(room - 1, self.controller.config.max_depth)
                 state = replace(state, max_depth=depth, budget=None, free_only=True)
@@ -255,7 +257,10 @@ class SpeculativeGenerator:
                 raise RuntimeError(f"{type(self.drafter).__name__} proposed a tree not rooted at the last token")
             toc = verify.wall_time(self.target)
             catchup = self.drafter.catchup_time
-            with verify.final_hidden_states(self.target) if keep_hidden else _no_capture() as final:
+            with (
+                verify.final_hidden_states(self.target) if keep_hidden else _no_capture() as final,
+                verify.aux_hidden_states(self.target, layers) as aux,
+            ):
                 logits = verify.forward_tree(self.target, cache, tree).logits[0]  # [N, V]
             verified = verify.wall_time(self.target)
             stats.draft_time += toc - tic
@@ -268,6 +273,8 @@ class SpeculativeGenerator:
             kv.keep_path(cache, len(tokens) - 1, accepted.path)
             if keep_hidden:  # the state after the last accepted node: its LM head gave the bonus token
                 hidden = final[-1][0, accepted.path[-1]]
+            if layers:  # the states of the positions the cache kept: the accepted path
+                features = aux[-1][0, accepted.path]  # [len(path), k*H]
             self.drafter.commit(accepted)
             if plan is not None:  # charged to the step: its forward, acceptance, cache compaction and commit
                 stats.plans.append(asdict(plan))
@@ -352,13 +359,16 @@ def _state(
     generator: torch.Generator | None,
     hidden: torch.Tensor | None,
     step_time: float | None = None,
+    features: torch.Tensor | None = None,
 ) -> DecodeState:
     """What the drafter may propose: at most `room - 1` deep (the bonus token takes the last slot)."""
     ids = torch.tensor([tokens])
     if plan is None:
-        return DecodeState(ids, room - 1, sampling=sampling, generator=generator, hidden=hidden)
+        return DecodeState(ids, room - 1, sampling=sampling, generator=generator, hidden=hidden, features=features)
     depth = min(room - 1, plan.depth) if plan.speculate else 0
-    return DecodeState(ids, depth, plan.budget, plan.threshold, sampling, generator, hidden, step_time)
+    return DecodeState(
+        ids, depth, plan.budget, plan.threshold, sampling, generator, hidden, step_time, features=features
+    )
 
 
 def _resolve_config(

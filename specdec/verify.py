@@ -11,10 +11,11 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from specdec import kv
@@ -134,6 +135,58 @@ def final_hidden_states(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
         yield captured
     finally:
         hook.remove()
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """`model`'s decoder layers in order (`layers` of Llama-like models, `h` of GPT-2).
+
+    Raises:
+        ValueError: when the decoder has no single list of `num_hidden_layers` modules.
+    """
+    count = model.config.get_text_config().num_hidden_layers
+    found = [m for m in model.get_decoder().children() if isinstance(m, nn.ModuleList) and len(m) == count]
+    if len(found) != 1:
+        raise ValueError(f"cannot find the {count} decoder layers of {type(model).__name__}")
+    return found[0]
+
+
+@contextmanager
+def aux_hidden_states(model: PreTrainedModel, layers: Sequence[int]) -> Iterator[list[torch.Tensor]]:
+    """Within the block, each forward of `model` appends `[1, T, len(layers) * H]` to the yielded list: the hidden
+    states entering decoder layers `layers` (layer `i`'s input is layer `i-1`'s output, layer 0's the embeddings:
+    transformers' `output_hidden_states[i]`), concatenated in that order. EAGLE-3 numbers its "auxiliary hidden
+    state layers" so (SafeAILab/EAGLE, vLLM). Forward pre-hooks on those layers, removed on exit; other layers'
+    states are not kept. With no `layers`, nothing is captured.
+
+    Raises:
+        ValueError: a layer index outside the model's decoder layers.
+    """
+    captured: list[torch.Tensor] = []
+    if not layers:
+        yield captured
+        return
+    modules = decoder_layers(model)
+    if not all(0 <= i < len(modules) for i in layers):
+        raise ValueError(f"layers {list(layers)} outside the model's {len(modules)} decoder layers")
+    inputs: dict[int, torch.Tensor] = {}
+
+    def keep(index: int):
+        def hook(_, args, kwargs):
+            inputs[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def collect(*_) -> None:
+        captured.append(torch.cat([inputs[i] for i in layers], dim=-1))
+        inputs.clear()
+
+    hooks = [modules[i].register_forward_pre_hook(keep(i), with_kwargs=True) for i in sorted(set(layers))]
+    hooks.append(model.register_forward_hook(collect))
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def wall_time(model: PreTrainedModel) -> float:

@@ -16,10 +16,11 @@ import torch
 from tiny import tiny_model
 
 import specdec
+from heads.eagle import EagleHead
 from heads.medusa import MedusaHeads
 from specdec import acceptance
 from specdec.acceptance import Acceptance
-from specdec.drafters import MedusaDrafter, ModelDrafter, NGramDrafter
+from specdec.drafters import EagleDrafter, MedusaDrafter, ModelDrafter, NGramDrafter
 from specdec.sampling import Sampling
 from specdec.tree import TokenTree, expand_sampled
 
@@ -292,6 +293,12 @@ def noisy_heads(target, path_inputs: bool = False) -> MedusaHeads:
     return heads
 
 
+def random_eagle(target) -> EagleHead:
+    """A random EAGLE-3 head with a draft vocabulary of half the tokens (the others only come from the target)."""
+    torch.manual_seed(0)
+    return EagleHead.for_model(target, draft_vocab=torch.arange(1, V, 2)).eval()
+
+
 def exact_two_tokens(target, x: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     with torch.no_grad():
         first = sampling.probs(target(x).logits[0, -1:])[0]  # [V]
@@ -320,6 +327,11 @@ def sample_counts(generate, x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
             "medusa path heads, draft vocabulary",
             lambda t, d: MedusaDrafter(noisy_heads(t, path_inputs=True), [(0,), (1,), (0, 0), (1, 0)]),
             dict(temperature=0.8, top_k=8),
+        ),
+        (
+            "eagle tree, draft vocabulary",
+            lambda t, d: EagleDrafter(random_eagle(t), depth=2, branching=2, tree_budget=5),
+            dict(temperature=0.9, top_p=0.95),
         ),
     ],
 )

@@ -2,9 +2,19 @@
 
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.drafters.composite import Composite
+from specdec.drafters.eagle import EagleDrafter
 from specdec.drafters.medusa import MedusaDrafter
 from specdec.drafters.memory import NGramMemory
 from specdec.drafters.model import ModelDrafter
 from specdec.drafters.ngram import NGramDrafter
 
-__all__ = ["Composite", "DecodeState", "Drafter", "MedusaDrafter", "ModelDrafter", "NGramDrafter", "NGramMemory"]
+__all__ = [
+    "Composite",
+    "DecodeState",
+    "Drafter",
+    "EagleDrafter",
+    "MedusaDrafter",
+    "ModelDrafter",
+    "NGramDrafter",
+    "NGramMemory",
+]

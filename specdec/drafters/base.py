@@ -34,6 +34,11 @@ class DecodeState:
             what an accepted draft token saves, for sources that weigh their own cost.
         free_only: a fallback step: only sources with `free` drafting are asked, and the tree is
             verified only if its expected gain pays for its extra verify cost.
+        features: `[T, k*H]`, for sources with `hidden_layers` (k of them): the target's hidden states entering
+            those decoder layers, concatenated in that order, at the `T` positions its cache gained since the
+            last step: positions `L-1-T .. L-2` of `tokens` (`L = tokens.shape[1]`), i.e. the prompt but its
+            last token at the first step, then the last tree's accepted path (its root and accepted nodes).
+            None otherwise or when the prompt had a single token.
     """
 
     tokens: torch.Tensor  # [1, L]
@@ -45,6 +50,7 @@ class DecodeState:
     hidden: torch.Tensor | None = None
     step_time: float | None = None
     free_only: bool = False
+    features: torch.Tensor | None = None  # [T, k*H]
 
     @property
     def min_score(self) -> float:
@@ -62,6 +68,9 @@ class Drafter(ABC):
     Attributes:
         uses_hidden_states: the source reads `DecodeState.hidden` (the verifier then keeps the target's
             hidden states; no extra target forward is run for them).
+        hidden_layers: the target's decoder layers whose input hidden states the source reads in
+            `DecodeState.features` (EAGLE-3's numbering: layer `i`'s input is layer `i-1`'s output); the verifier
+            keeps those layers' states of the accepted tokens only. Empty: none.
         free: drafting costs next to nothing (no model forward, e.g. n-gram lookup): the source is still
             asked in the controller's fallback steps, and its tree verified where it pays (opportunistic
             drafting), so falling back never loses a cheap hit.
@@ -71,6 +80,7 @@ class Drafter(ABC):
     """
 
     uses_hidden_states: bool = False
+    hidden_layers: tuple[int, ...] = ()
     free: bool = False
     catchup_time: float = 0.0
 

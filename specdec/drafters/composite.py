@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from specdec.acceptance import Acceptance
 from specdec.drafters.base import DecodeState, Drafter
@@ -77,6 +77,8 @@ class Composite(Drafter):
     ):
         if not drafters:
             raise ValueError("Composite needs at least one draft source")
+        if len({drafter.hidden_layers for drafter in drafters if drafter.hidden_layers}) > 1:
+            raise ValueError("Composite's sources must read the same target layers (hidden_layers), or none")
         self.drafters = list(drafters)
         self.skip_gain, self.tree_budget = skip_gain, tree_budget
         self.warmup, self.probe_every, self.discount = warmup, probe_every, discount
@@ -86,6 +88,10 @@ class Composite(Drafter):
     @property
     def uses_hidden_states(self) -> bool:
         return any(drafter.uses_hidden_states for drafter in self.drafters)
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        return next((drafter.hidden_layers for drafter in self.drafters if drafter.hidden_layers), ())
 
     @property
     def free(self) -> bool:
@@ -105,6 +111,14 @@ class Composite(Drafter):
 
     def propose(self, state: DecodeState) -> TokenTree:
         self._asked = []
+        tree = self._propose(state)
+        asked = {index for index, _ in self._asked}
+        for index, drafter in enumerate(self.drafters):  # a source not asked still takes the step's target features
+            if drafter.hidden_layers and index not in asked:
+                drafter.propose(replace(state, max_depth=0))
+        return tree
+
+    def _propose(self, state: DecodeState) -> TokenTree:
         if state.max_depth < 1:
             return TokenTree.chain(state.root)
         for index, drafter in enumerate(self.drafters):
