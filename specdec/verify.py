@@ -19,6 +19,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from specdec import kv
 from specdec.attention import SDPA_TREE
+from specdec.devices import compute_dtype, input_device
 from specdec.tree import TokenTree
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", SDPA_TREE)
@@ -102,10 +103,10 @@ def forward_tree(
         The model output; `logits` is `[1, N - start, V]`, row `j` predicting the child of node `start + j`
         (with `last_logits_only`, where the model supports it, only the last row: `[1, 1, V]`).
     """
-    device = model.device
+    device = input_device(model)
     prefix_len = kv.length(cache) - start
     # a chain needs no tree mask: each new token sees every cached entry and the tokens before it (causal)
-    mask = None if tree.is_chain else tree_attention_mask(tree, prefix_len, model.dtype, start).to(device)
+    mask = None if tree.is_chain else tree_attention_mask(tree, prefix_len, compute_dtype(model), start).to(device)
     positions = (prefix_len + tree.depth[start:]).unsqueeze(0).to(device)  # [1, N - start]
     return model(
         input_ids=tree.tokens[start:].unsqueeze(0).to(device),
@@ -138,8 +139,9 @@ def final_hidden_states(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
 
 def wall_time(model: PreTrainedModel) -> float:
     """`time.perf_counter()` after the model's device has finished its queued work."""
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
+    device = input_device(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter()
 
 
@@ -165,7 +167,7 @@ def prefill(
         return cache, None
     with final_hidden_states(model) as hidden:
         model(
-            input_ids=input_ids.to(model.device),
+            input_ids=input_ids.to(input_device(model)),
             cache=cache,
             use_cache=True,
             **_last_logits_only(model),  # the prompt's logits are not needed
