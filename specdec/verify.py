@@ -79,15 +79,8 @@ def tree_attention_mask(tree: TokenTree, prefix_len: int, dtype: torch.dtype, st
         `[1, 1, N - start, prefix_len + N]` float: 0 where visible, `finfo(dtype).min` where not.
         A float mask is required: a bool mask is silently ignored under eager attention.
     """
-    visible = torch.cat(
-        [
-            torch.ones(len(tree) - start, prefix_len, dtype=torch.bool),
-            tree.ancestor_mask[start:],
-        ],
-        dim=1,
-    )
-    mask = torch.zeros(visible.shape, dtype=dtype)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    mask = torch.zeros(len(tree) - start, prefix_len + len(tree), dtype=dtype)
+    mask[:, prefix_len:].masked_fill_(~tree.ancestor_mask[start:], torch.finfo(dtype).min)
     return mask[None, None]
 
 
@@ -139,8 +132,7 @@ def final_hidden_states(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
 
 def wall_time(model: PreTrainedModel) -> float:
     """`time.perf_counter()` after the model's device has finished its queued work."""
-    device = input_device(model)
-    if device.type == "cuda":
+    if torch.cuda.is_available() and (device := input_device(model)).type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
