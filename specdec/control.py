@@ -320,6 +320,7 @@ class Controller:
         self._budgets, self._best, self._verify = {}, None, None  # the measurements below change them
         self.costs.add_verify(tree_size, verify_seconds)
         self._line = self.costs.verify_line()
+        self._verify_times()  # now rather than at the next plan: the controller's size stays the same between steps
         if promised > 0:  # speculative and opportunistic steps alike: how far the trees' scores can be trusted
             s = self.streak
             self.accepted_sum[s] = cfg.discount * self.accepted_sum[s] + accepted
