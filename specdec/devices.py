@@ -39,6 +39,9 @@ def _hook_device(module: nn.Module) -> torch.device | None:
 
 def _stored_device(module: nn.Module) -> torch.device | None:
     """The device of the first of the module's parameters or buffers that holds data (not on `meta`)."""
+    weight = getattr(module, "weight", None)  # an embedding or a linear layer: no walk over the parameters
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type != "meta":
             return tensor.device
