@@ -7,8 +7,9 @@ adds the vocabulary-wide work of a SmolLM2-sized LM head (the draft's log-softma
 Overhead = wall time of `generate`'s loop (after the prefill) minus the time inside the target's and the draft
 model's forward calls (forward pre/post hooks), divided by the verification steps; the best of `--repeats`
 runs after a warm-up (the least disturbed by other work on the machine). What `generate` does once per call
-before the prefill (argument checks) is `setup`. Medusa heads are not hooked: their head calls count as
-overhead. The controller's own cost (`plan` + `update` per step) is measured apart, on synthetic steps.
+before the prefill (argument checks) is `setup`. Medusa heads' layers count as forwards, their top-k over the
+LM head's rows as overhead. The controller's own cost (`plan` + `update` per step) is measured apart, on
+synthetic steps.
 
 Run: taskset -c 0 env OMP_NUM_THREADS=1 .venv/bin/python -m eval.bench_overhead [--profile ngram:32]
 """
@@ -64,25 +65,33 @@ def drafter_for(source: str, nodes: int, target, draft):
 
 
 class ForwardClock:
-    """Seconds spent inside the forward calls of some modules (pre/post hooks), and when the first call ended."""
+    """Seconds spent inside the forward calls of some modules (pre/post hooks; a call inside another counts once),
+    and when the first call started and ended."""
 
     def __init__(self, *modules):
         self.reset()
         for module in modules:
-            module.register_forward_pre_hook(self._start)
-            module.register_forward_hook(self._stop)
+            self.watch(module)
+
+    def watch(self, module) -> None:
+        module.register_forward_pre_hook(self._start)
+        module.register_forward_hook(self._stop)
 
     def reset(self) -> None:
-        self.seconds, self._tic, self.first_start, self.first_end = 0.0, 0.0, None, None
+        self.seconds, self._tic, self._depth, self.first_start, self.first_end = 0.0, 0.0, 0, None, None
 
     def _start(self, *_):
-        self._tic = time.perf_counter()
-        self.first_start = self.first_start or self._tic
+        self._depth += 1
+        if self._depth == 1:
+            self._tic = time.perf_counter()
+            self.first_start = self.first_start or self._tic
 
     def _stop(self, *_):
-        toc = time.perf_counter()
-        self.seconds += toc - self._tic
-        self.first_end = self.first_end or toc
+        self._depth -= 1
+        if self._depth == 0:
+            toc = time.perf_counter()
+            self.seconds += toc - self._tic
+            self.first_end = self.first_end or toc
 
 
 def measure(gen, prompt: torch.Tensor, clock: ForwardClock, new_tokens: int) -> dict:
@@ -137,7 +146,11 @@ def main() -> None:
         cases = [(source, int(nodes))]
     rows = []
     for source, nodes in cases:
-        gen = specdec.SpeculativeGenerator(target, drafter_for(source, nodes, target, draft), controller=None)
+        drafter = drafter_for(source, nodes, target, draft)
+        if source == "medusa":  # the heads' layers and the embeddings of their paths are draft forwards
+            for module in (*drafter.heads.blocks, *drafter.heads.path_inputs, target.get_input_embeddings()):
+                clock.watch(module)
+        gen = specdec.SpeculativeGenerator(target, drafter, controller=None)
         measure(gen, prompt, clock, args.new_tokens)  # warm-up
         if args.profile:
             profile = cProfile.Profile()
