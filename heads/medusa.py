@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from specdec.devices import execution_device, is_offloaded, onloaded, vocab_size
 from specdec.models import ASSETS, fingerprint, same_fingerprint
 
 CONFIG_FILE, WEIGHTS_FILE, ADAPTER_DIR = "medusa_config.json", "medusa_heads.safetensors", "lora_adapter"
@@ -75,7 +76,7 @@ class MedusaConfig:
 def check_base(config: MedusaConfig, model: PreTrainedModel) -> None:
     """Raises ValueError unless `model` is the model the heads were trained for."""
     text = model.config.get_text_config()
-    sizes = (text.hidden_size, model.get_output_embeddings().weight.shape[0])
+    sizes = (text.hidden_size, vocab_size(model))
     if sizes != (config.hidden_size, config.vocab_size):
         raise ValueError(
             f"these Medusa heads were trained for {config.base_model!r} (hidden size {config.hidden_size}, "
@@ -156,20 +157,21 @@ class MedusaHeads(nn.Module):
         name: str | None = None,
         path_inputs: bool = False,
     ) -> MedusaHeads:
-        """New (untrained) heads for `model`, in its dtype and on its device."""
-        lm_head = model.get_output_embeddings()
+        """New (untrained) heads for `model`, in its LM head's dtype and on its execution device."""
         config = MedusaConfig(
             num_heads=num_heads,
             num_layers=num_layers,
             shared_lm_head=shared_lm_head,
             hidden_size=model.config.get_text_config().hidden_size,
-            vocab_size=lm_head.weight.shape[0],
+            vocab_size=vocab_size(model),
             base_model=name or model.config.name_or_path or type(model).__name__,
             base_fingerprint=fingerprint(model),
             path_inputs=path_inputs,
         )
-        heads = cls(config, None if shared_lm_head else lm_head.weight.detach().float())
-        return heads.to(device=lm_head.weight.device, dtype=lm_head.weight.dtype)
+        if shared_lm_head:
+            return _placed(cls(config), model)
+        with onloaded(model.get_output_embeddings()) as lm_head:
+            return _placed(cls(config, lm_head.weight.detach().float()), model)
 
     @property
     def choices(self) -> list[tuple[int, ...]] | None:
@@ -187,11 +189,20 @@ class MedusaHeads(nn.Module):
         self.register_buffer("vocab", token_ids.to(self.vocab.device))
 
     def lm_weights(self, lm_head: nn.Module | None = None) -> list[torch.Tensor]:
-        """Each head's LM-head weight `[V', H]`, restricted to the draft vocabulary when there is one."""
+        """Each head's LM-head weight `[V', H]`, restricted to the draft vocabulary when there is one. An
+        offloaded shared LM head (accelerate) is read once into a copy on its execution device."""
         heads = range(self.config.num_heads) if self.lm_heads is not None else [0]  # shared: one weight
-        weights = [self._lm_head(k, lm_head).weight for k in heads]
-        if self.config.draft_vocab:
-            weights = [w.index_select(0, self.vocab) for w in weights]
+        modules = [self._lm_head(k, lm_head) for k in heads]
+        weights = []
+        for module in modules:
+            offloaded = is_offloaded(module)
+            with onloaded(module):
+                weight = module.weight
+                if self.config.draft_vocab:
+                    weight = weight.index_select(0, self.vocab.to(weight.device))
+                elif offloaded:
+                    weight = weight.detach().clone()  # the onloaded values are dropped after the block
+                weights.append(weight)
         return weights * (self.config.num_heads // len(weights))
 
     def check(self, model: PreTrainedModel) -> None:
@@ -284,8 +295,13 @@ class MedusaHeads(nn.Module):
     def _load(cls, directory: Path, config: MedusaConfig, target: PreTrainedModel) -> MedusaHeads:
         heads = cls(config)
         heads.load_state_dict(load_file(directory / WEIGHTS_FILE))
-        weight = target.get_output_embeddings().weight
-        return heads.to(device=weight.device, dtype=weight.dtype).eval()
+        return _placed(heads, target).eval()
+
+
+def _placed(heads: MedusaHeads, model: PreTrainedModel) -> MedusaHeads:
+    """`heads` where they run: on the device and in the dtype of `model`'s LM head, whose input they read."""
+    lm_head = model.get_output_embeddings()
+    return heads.to(device=execution_device(lm_head), dtype=lm_head.weight.dtype)  # meta tensors keep their dtype
 
 
 def load_medusa2(target: PreTrainedModel, directory: str | Path) -> tuple[PreTrainedModel, MedusaHeads]:

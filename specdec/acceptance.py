@@ -44,6 +44,7 @@ def greedy(tree: TokenTree, logits: torch.Tensor) -> Acceptance:
         The deepest such path (the lowest node index among equally deep ones) and the bonus token:
         the argmax after its last node. The result equals plain greedy decoding token for token.
     """
+    _check_rows(tree, logits)
     tokens = tree.tokens.tolist()
     # level by level, the argmax of accepted nodes only (an argmax over the vocabulary is the costly part)
     level, pred = [0], {}
@@ -74,35 +75,57 @@ def rejection_sample(tree: TokenTree, p: torch.Tensor, generator: torch.Generato
     deterministic proposal (n-gram, or any tree without `sampled`), a one-hot on its token, so it is
     accepted with probability `p(x)` and removed from `p` when rejected.
 
+    Everything stays on `p`'s device (the target's): only the acceptance tests' scalars reach the host, and
+    a node's draft row is copied there once, however many of its sampled children are tried.
+
     Args:
         tree: the verified tree.
         p: `[N, V]` the target's warped probabilities after each node (`Sampling.probs` of its logits).
         generator: the only source of randomness.
     """
-    p = p.float().cpu()
+    _check_rows(tree, p)
+    p = p.float()
+    tokens = tree.tokens.tolist()
     sampled = tree.sampled.tolist() if tree.sampled is not None else [False] * len(tree)
     path, node = [0], 0
     while True:
         residual = p[node]  # [V]
-        drawn: list[int] = []  # tokens of the sampled siblings tried so far
+        undrawn = None  # [V] the draft's row at `node` less the sampled siblings tried so far (unnormalised)
         for child in tree.children(node):
-            x = int(tree.tokens[child])
+            x = tokens[child]
             if sampled[child]:
-                q = tree.draft_probs[node].float().clone()
-                q[drawn] = 0.0
-                q /= q.sum()
-                drawn.append(x)
-            else:
-                q = torch.zeros_like(residual)
-                q[x] = 1.0
-            if float(torch.rand((), generator=generator)) < min(1.0, float(residual[x] / q[x])):
+                if undrawn is None:
+                    undrawn = tree.draft_probs[node].to(p.device, torch.float32, copy=True)
+                q = undrawn / undrawn.sum()  # [V]
+                undrawn[x] = 0.0
+                accept = float(residual[x] / q[x])
+            else:  # q is one-hot on x: p(x) / q(x) = p(x), and the residual is p without x
+                q = None
+                accept = float(residual[x])
+            if float(torch.rand((), generator=generator)) < min(1.0, accept):
                 path.append(child)
                 node = child
                 break
-            residual = _normalised(residual - q, fallback=residual)
+            if q is None:
+                q = residual.clone()
+                q[x] = 0.0
+                residual = _normalised(q, fallback=residual)
+            else:
+                residual = _normalised(residual - q, fallback=residual)
         else:
-            bonus = int(torch.multinomial(residual, 1, generator=generator))
-            return Acceptance(path=path, tokens=[*tree.tokens[path[1:]].tolist(), bonus])
+            bonus = _draw(residual, generator)
+            return Acceptance(path=path, tokens=[*[tokens[n] for n in path[1:]], bonus])
+
+
+def _check_rows(tree: TokenTree, scores: torch.Tensor) -> None:
+    """Raises ValueError unless `scores` is `[N, V]` for the `N` nodes of `tree`."""
+    if scores.dim() != 2 or scores.shape[0] != len(tree):
+        raise ValueError(f"expected [{len(tree)}, V] scores for a tree of {len(tree)} nodes, got {tuple(scores.shape)}")
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from `weights` (`[V]`), with `generator`, on the generator's device."""
+    return int(torch.multinomial(weights.to(generator.device), 1, generator=generator))
 
 
 def _normalised(weights: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -135,14 +158,15 @@ def typical(tree: TokenTree, p: torch.Tensor, rule: Typical, generator: torch.Ge
         rule: the thresholds.
         generator: the only source of randomness (the bonus token).
     """
-    p = p.float().cpu()
+    _check_rows(tree, p)
+    p = p.float()  # on the target's device: only [N] results come to the host
     entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)  # [N]
     threshold = torch.clamp(rule.delta * torch.exp(-entropy), max=rule.epsilon)  # [N]
     passes = torch.ones(len(tree), dtype=torch.bool)  # [N] node's token passes at its parent
-    parents = tree.parents[1:]
-    passes[1:] = p[parents, tree.tokens[1:]] > threshold[parents]
+    parents = tree.parents[1:].to(p.device)
+    passes[1:] = (p[parents, tree.tokens[1:].to(p.device)] > threshold[parents]).cpu()
     accepted = ~(tree.ancestor_mask & ~passes).any(dim=-1)
     best = int(torch.where(accepted, tree.depth, -1).argmax())
     path = tree.path_to(best)
-    bonus = int(torch.multinomial(p[best], 1, generator=generator))
+    bonus = _draw(p[best], generator)
     return Acceptance(path=path, tokens=[*tree.tokens[path[1:]].tolist(), bonus])

@@ -33,6 +33,8 @@ From it, each step gets a `Plan`:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -104,6 +106,27 @@ class CostModel:
         mean_size, seconds = measured
         return max(seconds + b * (size - mean_size), 1e-9)
 
+    def verify_times(self, max_size: int, line: tuple[float, float]) -> list[float]:
+        """`[verify_time(n, line) for n in 1 .. max_size]`, the measured classes below each size read once."""
+        below: dict[int, float] = {}  # size class -> the dearest measured class below it
+        dearest = None
+        for key in range(1, max_size.bit_length() + 1):
+            if dearest is not None:
+                below[key] = dearest
+            if key in self.classes:
+                seconds = self.classes[key][1]
+                dearest = seconds if dearest is None else max(dearest, seconds)
+        a, b = line
+        times = []
+        for size in range(1, max_size + 1):
+            key = size.bit_length()
+            if key in self.classes:
+                mean_size, seconds = self.classes[key]
+                times.append(max(seconds + b * (size - mean_size), 1e-9))
+            else:
+                times.append(max(a + b * size, below[key]) if key in below else a + b * size)
+        return times
+
     def add_draft(self, levels: int, seconds: float) -> None:
         if levels > 0:
             per_level = seconds / levels
@@ -153,6 +176,9 @@ class Controller:
         self.threshold = cfg.initial_threshold
         self._line = (0.0, 0.0)  # verify_line() and acceptance_curve() as of the last update
         self._curves = [self._acceptance_curve(s) for s in range(2)]
+        self._gains = [_prefix_sums(curve) for curve in self._curves]  # [d]: sum(curve[:d])
+        self._verify: list[float] | None = None  # verify time of 1 .. max_budget + 1 nodes, as of the last update
+        self._floor: list[float] = []  # [b]: least extra verify time of any budget >= b, as of the last update
         self._budgets: dict[int, int] = {}  # _budget(depth) as of the last update
         self._best: int | None = None  # best_depth() as of the last update
         self.speculative_steps = 0
@@ -198,10 +224,19 @@ class Controller:
 
     def expected_rate(self, depth: int) -> float:
         """Expected tokens per second of a step drafting `depth` levels (depth 0: plain decoding)."""
-        tokens = 1.0 + sum(self.acceptance_curve()[:depth])
+        tokens = 1.0 + self._gains[self.streak][depth]
         size = 1 + min(math.ceil(depth * self.width), self._budget(depth)) if depth else 1
-        seconds = (self.costs.draft_per_level or 0.0) * depth + self.costs.verify_time(size, self._line)
+        seconds = (self.costs.draft_per_level or 0.0) * depth + self._verify_times()[size - 1]
         return tokens / max(seconds, 1e-9)
+
+    def _verify_times(self) -> list[float]:
+        """`costs.verify_time(n)` for n = 1 .. max_budget + 1 (every size a plan can ask for), computed once per
+        update: each plan weighs every depth, and each depth every budget."""
+        if self._verify is None:
+            self._verify = self.costs.verify_times(self.config.max_budget + 1, self._line)
+            plain = self._verify[0]
+            self._floor = list(itertools.accumulate((t - plain for t in reversed(self._verify)), min))[::-1]
+        return self._verify
 
     def plain_step_time(self) -> float | None:
         """Seconds of one plain target step by the cost model (None before any measurement)."""
@@ -248,13 +283,12 @@ class Controller:
         return self._budgets[depth]
 
     def _widest_budget(self, depth: int) -> int:
-        cfg = self.config
-        plain = self.costs.verify_time(1, self._line)
-        saved = sum(self.acceptance_curve()[:depth]) * plain  # each accepted token saves about a plain step
-        for budget in range(cfg.max_budget, cfg.min_budget, -1):
-            if self.costs.verify_time(1 + budget, self._line) - plain <= 0.5 * saved:
-                return budget
-        return cfg.min_budget
+        plain = self._verify_times()[0]
+        saved = self._gains[self.streak][depth] * plain  # each accepted token saves about a plain step
+        # the largest budget whose extra verify time is at most half of it: `_floor` is non-decreasing, and its
+        # last entry within that limit is the last budget within it
+        widest = bisect.bisect_right(self._floor, 0.5 * saved) - 1
+        return max(widest, self.config.min_budget)
 
     def _update_threshold(self) -> None:
         """The path probability below which a node's expected value does not pay its marginal cost."""
@@ -284,9 +318,10 @@ class Controller:
                 cache compaction, the drafter's commit), which grows with the tree as the forward does.
         """
         cfg, ema = self.config, self.config.ema
-        self._budgets, self._best = {}, None  # the measurements below change both
+        self._budgets, self._best, self._verify = {}, None, None  # the measurements below change them
         self.costs.add_verify(tree_size, verify_seconds)
         self._line = self.costs.verify_line()
+        self._verify_times()  # now rather than at the next plan: the controller's size stays the same between steps
         if promised > 0:  # speculative and opportunistic steps alike: how far the trees' scores can be trusted
             s = self.streak
             self.accepted_sum[s] = cfg.discount * self.accepted_sum[s] + accepted
@@ -304,6 +339,7 @@ class Controller:
                 hits[d] += accepted >= d
                 trials[d] += 1
         self._curves[self.streak] = self._acceptance_curve(self.streak)
+        self._gains[self.streak] = _prefix_sums(self._curves[self.streak])
         self.streak = int(tree_depth > 0 and accepted >= tree_depth)
         if tree_depth > 0:
             self.width = (1 - ema) * self.width + ema * (tree_size - 1) / tree_depth
@@ -320,3 +356,8 @@ class Controller:
             self.backoff = min(self.backoff * 2, cfg.max_probe_after)
         else:
             self.backoff = cfg.probe_after
+
+
+def _prefix_sums(values: list[float]) -> list[float]:
+    """`[sum(values[:d]) for d in range(len(values) + 1)]`, summed in the same order."""
+    return list(itertools.accumulate(values, initial=0.0))

@@ -228,6 +228,8 @@ class SpeculativeGenerator:
         """The loop: propose, verify, accept, compact, commit, stop checks. `prompt` is `[1, L]`, unpadded."""
         stats = SpecStats()
         tokens = prompt.cpu()[0].tolist()
+        ids = torch.empty(1, limits.max_length - len(limits.padding_ids), dtype=torch.long)  # `tokens`, for drafters
+        ids[0, : len(tokens)] = prompt[0].cpu()
         new_tokens: list[int] = []
         new_logits: list[torch.Tensor] = []  # [1, V] per new token when asked for
         self.drafter.start(self.target)
@@ -245,7 +247,7 @@ class SpeculativeGenerator:
             room = limits.max_length - len(limits.padding_ids) - len(tokens)  # new tokens still allowed
             plan = self.controller.plan() if self.controller else None
             step_time = self.controller.plain_step_time() if self.controller else None
-            state = _state(tokens, room, plan, limits.sampling, generator, hidden, step_time, features)
+            state = _state(ids[:, : len(tokens)], room, plan, limits.sampling, generator, hidden, step_time, features)
             if plan is not None and not plan.speculate and self.drafter.free:  # opportunistic: free sources only
                 depth = min(room - 1, self.controller.config.max_depth)
                 state = replace(state, max_depth=depth, budget=None, free_only=True)
@@ -291,6 +293,7 @@ class SpeculativeGenerator:
                     new_logits.append(logits[node : node + 1].float().clone())
                 if done := self._should_stop(tokens, logits[node : node + 1], limits):
                     break
+            ids[0, len(tokens) - len(emitted) : len(tokens)] = torch.tensor(emitted)
             new_tokens += emitted
             stats.accept_lengths.append(len(emitted))
             if streamer is not None:
@@ -352,7 +355,7 @@ class _no_capture:
 
 
 def _state(
-    tokens: list[int],
+    ids: torch.Tensor,
     room: int,
     plan,
     sampling: Sampling | None,
@@ -361,8 +364,8 @@ def _state(
     step_time: float | None = None,
     features: torch.Tensor | None = None,
 ) -> DecodeState:
-    """What the drafter may propose: at most `room - 1` deep (the bonus token takes the last slot)."""
-    ids = torch.tensor([tokens])
+    """What the drafter may propose (`ids`: `[1, L]` every token so far): at most `room - 1` deep (the bonus token
+    takes the last slot)."""
     if plan is None:
         return DecodeState(ids, room - 1, sampling=sampling, generator=generator, hidden=hidden, features=features)
     depth = min(room - 1, plan.depth) if plan.speculate else 0

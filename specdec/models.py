@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.attention import SDPA_TREE
+from specdec.devices import onloaded
 
 BUILTIN_TARGET = "smollm2-135m-instruct"
 BUILTIN_DRAFT = "smollm2-135m-instruct-draft"
@@ -59,6 +60,9 @@ def load_model(
     name_or_path: str | Path,
     dtype: str | torch.dtype = "fp32",
     attn_implementation: str = SDPA_TREE,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 
@@ -68,15 +72,22 @@ def load_model(
         dtype: `"fp32"`, `"bf16"` or a torch dtype.
         attn_implementation: `"sdpa_tree"` (default; `specdec.attention`: sdpa without key/value copies under a
             tree mask on CPUs), `"sdpa"` or `"eager"`; tree attention needs one of them.
+        device_map, max_memory, offload_folder: accelerate's big-model options, passed to `from_pretrained` when
+            given: e.g. `device_map="auto"` with `max_memory={"cpu": "200MB"}`, or a map that puts layers on
+            `"cpu"` or `"disk"` (disk needs `offload_folder`). Offloaded layers are loaded for each forward;
+            speculation is exact on such a target, and pays more (verifying a tree costs about one step).
 
     Returns:
         (model, tokenizer).
 
     Example:
         >>> target, tokenizer = load_model("smollm2-135m-instruct", dtype="bf16")
+        >>> target, tokenizer = load_model(name, device_map={"": "disk"}, offload_folder="offload")
     """
     dtype = parse_dtype(dtype)
     kwargs: dict = {}
+    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    placement = {k: v for k, v in placement.items() if v is not None}
     if str(name_or_path) == BUILTIN_TARGET:
         gguf = builtin_gguf()
         source, kwargs["gguf_file"] = gguf.parent, gguf.name
@@ -87,21 +98,30 @@ def load_model(
     else:
         source = name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, attn_implementation=attn_implementation, **kwargs, **placement
+    )
     return model.eval(), tokenizer
 
 
 def fingerprint(model: PreTrainedModel, rows: int = 8) -> list[float]:
     """What identifies the base model in any dtype: norms of `rows` evenly spaced rows of the input and
     output embeddings, norms of the middle and the last parameter tensors, and the parameter count.
-    (A draft that shares the target's embeddings still differs in the rest.)"""
+    (A draft that shares the target's embeddings still differs in the rest.) Offloaded weights are read
+    one module at a time (`devices.onloaded`)."""
     values = []
-    for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-        index = torch.linspace(0, matrix.shape[0] - 1, rows).long().to(matrix.device)
-        values += matrix.detach().index_select(0, index).float().norm(dim=-1).tolist()
-    params = [p for _, p in model.named_parameters()]
-    values += [float(params[len(params) // 2].detach().float().norm()), float(params[-1].detach().float().norm())]
-    values.append(float(sum(p.numel() for p in params)))
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        with onloaded(module):
+            matrix = module.weight
+            index = torch.linspace(0, matrix.shape[0] - 1, rows).long().to(matrix.device)
+            values += matrix.detach().index_select(0, index).float().norm(dim=-1).tolist()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # {tied copy: source}; offloading unties them
+    params = [name for name, _ in model.named_parameters() if name not in tied]
+    for name in (params[len(params) // 2], params[-1]):
+        owner, _, attribute = name.rpartition(".")
+        with onloaded(model.get_submodule(owner)) as module:
+            values.append(float(getattr(module, attribute).detach().float().norm()))
+    values.append(float(sum(model.get_parameter(name).numel() for name in params)))
     return [round(v, 5) for v in values]
 
 

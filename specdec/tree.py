@@ -74,7 +74,7 @@ class TokenTree:
     @cached_property
     def is_chain(self) -> bool:
         """Every node's parent is the node before it (a single path)."""
-        return bool((self.parents[1:] == torch.arange(len(self.parents) - 1)).all())
+        return self.parents.tolist() == list(range(-1, len(self) - 1))
 
     # ---------------------------------------------------------------- builders
 
@@ -173,20 +173,27 @@ class TokenTree:
         return len(self.tokens)
 
     @cached_property
+    def _paths_to(self) -> list[list[int]]:
+        """Each node's path from the root (its ancestors, then itself), in index order. Built in Python: one
+        tensor operation per node (as a row-by-row mask would be) costs more than the whole list on a CPU."""
+        paths = [[0]]
+        for i, p in enumerate(self.parents.tolist()[1:], start=1):
+            paths.append([*paths[p], i])
+        return paths
+
+    @cached_property
     def depth(self) -> torch.Tensor:
         """`[N]` distance from the root (root = 0)."""
-        depth = [0] * len(self)
-        for i, p in enumerate(self.parents.tolist()[1:], start=1):
-            depth[i] = depth[p] + 1
-        return torch.tensor(depth, dtype=torch.long)
+        return torch.tensor([len(path) - 1 for path in self._paths_to], dtype=torch.long)
 
     @cached_property
     def ancestor_mask(self) -> torch.Tensor:
         """`[N, N]` bool: `mask[i, j]` is True when `j` is `i` or one of its ancestors."""
         n = len(self)
-        mask = torch.eye(n, dtype=torch.bool)
-        for i, p in enumerate(self.parents.tolist()[1:], start=1):
-            mask[i] |= mask[p]
+        rows = [i for i, path in enumerate(self._paths_to) for _ in path]
+        columns = [j for path in self._paths_to for j in path]
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        mask[rows, columns] = True
         return mask
 
     @cached_property
@@ -202,7 +209,7 @@ class TokenTree:
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to `node`, both included."""
-        return torch.nonzero(self.ancestor_mask[node]).flatten().tolist()
+        return list(self._paths_to[node])
 
     def children(self, node: int) -> list[int]:
         """`node`'s children, in index order."""
@@ -217,7 +224,7 @@ class TokenTree:
 
     @property
     def max_depth(self) -> int:
-        return int(self.depth.max())
+        return max(len(path) for path in self._paths_to) - 1
 
     @property
     def is_sampled(self) -> bool:

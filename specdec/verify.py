@@ -20,6 +20,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 
 from specdec import kv
 from specdec.attention import SDPA_TREE
+from specdec.devices import compute_dtype, input_device
 from specdec.tree import TokenTree
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", SDPA_TREE)
@@ -79,15 +80,8 @@ def tree_attention_mask(tree: TokenTree, prefix_len: int, dtype: torch.dtype, st
         `[1, 1, N - start, prefix_len + N]` float: 0 where visible, `finfo(dtype).min` where not.
         A float mask is required: a bool mask is silently ignored under eager attention.
     """
-    visible = torch.cat(
-        [
-            torch.ones(len(tree) - start, prefix_len, dtype=torch.bool),
-            tree.ancestor_mask[start:],
-        ],
-        dim=1,
-    )
-    mask = torch.zeros(visible.shape, dtype=dtype)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    mask = torch.zeros(len(tree) - start, prefix_len + len(tree), dtype=dtype)
+    mask[:, prefix_len:].masked_fill_(~tree.ancestor_mask[start:], torch.finfo(dtype).min)
     return mask[None, None]
 
 
@@ -103,10 +97,10 @@ def forward_tree(
         The model output; `logits` is `[1, N - start, V]`, row `j` predicting the child of node `start + j`
         (with `last_logits_only`, where the model supports it, only the last row: `[1, 1, V]`).
     """
-    device = model.device
+    device = input_device(model)
     prefix_len = kv.length(cache) - start
     # a chain needs no tree mask: each new token sees every cached entry and the tokens before it (causal)
-    mask = None if tree.is_chain else tree_attention_mask(tree, prefix_len, model.dtype, start).to(device)
+    mask = None if tree.is_chain else tree_attention_mask(tree, prefix_len, compute_dtype(model), start).to(device)
     positions = (prefix_len + tree.depth[start:]).unsqueeze(0).to(device)  # [1, N - start]
     return model(
         input_ids=tree.tokens[start:].unsqueeze(0).to(device),
@@ -191,8 +185,8 @@ def aux_hidden_states(model: PreTrainedModel, layers: Sequence[int]) -> Iterator
 
 def wall_time(model: PreTrainedModel) -> float:
     """`time.perf_counter()` after the model's device has finished its queued work."""
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)
+    if torch.cuda.is_available() and (device := input_device(model)).type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter()
 
 
@@ -218,7 +212,7 @@ def prefill(
         return cache, None
     with final_hidden_states(model) as hidden:
         model(
-            input_ids=input_ids.to(model.device),
+            input_ids=input_ids.to(input_device(model)),
             cache=cache,
             use_cache=True,
             **_last_logits_only(model),  # the prompt's logits are not needed

@@ -2,9 +2,10 @@
 
 import random
 
+import pytest
 import torch
 
-from specdec.acceptance import greedy
+from specdec.acceptance import Typical, greedy, rejection_sample, typical
 from specdec.tree import TokenTree
 
 
@@ -41,3 +42,11 @@ def test_matches_brute_force_on_random_trees_with_repeated_tokens():
         result = greedy(tree, logits)
         path, tokens = brute_force(tree, logits)
         assert (result.path, result.tokens) == (path, tokens)
+
+
+def test_scores_of_another_size_than_the_tree_are_refused():
+    tree = TokenTree.trie(5, [[1, 2], [3]])
+    gen = torch.Generator().manual_seed(0)
+    for rule in (greedy, lambda t, s: rejection_sample(t, s, gen), lambda t, s: typical(t, s, Typical(), gen)):
+        with pytest.raises(ValueError, match=r"\[4, V\] scores for a tree of 4 nodes"):
+            rule(tree, torch.full((3, 8), 1 / 8))

@@ -1,8 +1,10 @@
 """The adaptive controller with stubbed costs and acceptance, and its effect on real (tiny) decoding."""
 
 import itertools
+import math
 from dataclasses import asdict
 
+import pytest
 import torch
 from tiny import VOCAB, small_draft, tiny_model
 
@@ -97,6 +99,29 @@ def test_cost_model_reads_measured_sizes_and_keeps_trees_in_the_cheap_size_class
     recent = [p for p in c.history[40:] if p["speculate"]]
     assert len(recent) > 0.9 * len(c.history[40:])
     assert all(p["budget"] <= 2 for p in recent)
+
+
+@pytest.mark.parametrize("verify", [cheap_verify, steep_verify, jumpy_verify])
+@pytest.mark.parametrize("config", [ControlConfig(), ControlConfig(min_budget=3, max_budget=64)])
+def test_precomputed_costs_give_the_definitions(verify, config):
+    """Plans read verify times tabulated once per update; they must equal the cost model's, as defined."""
+    c = simulate(Controller(config), 40, accept_rate=0.6, verify=verify, draft_per_level=0.002)
+    sizes = range(1, config.max_budget + 2)
+    assert c.costs.verify_times(len(sizes), c._line) == [c.costs.verify_time(n, c._line) for n in sizes]
+    plain = c.costs.verify_time(1, c._line)
+    for depth in range(1, config.max_depth + 1):
+        saved = sum(c.acceptance_curve()[:depth]) * plain
+        within = [
+            b for b in range(config.max_budget, config.min_budget, -1) if verify_cost(c, 1 + b) - plain <= saved / 2
+        ]
+        assert c._widest_budget(depth) == (within[0] if within else config.min_budget)
+        size = 1 + min(math.ceil(depth * c.width), c._budget(depth))
+        seconds = c.costs.draft_per_level * depth + verify_cost(c, size)
+        assert c.expected_rate(depth) == (1.0 + sum(c.acceptance_curve()[:depth])) / seconds
+
+
+def verify_cost(c: Controller, size: int) -> float:
+    return c.costs.verify_time(size, c._line)
 
 
 def test_calibration_measures_overconfident_scores_and_steadies_the_threshold():

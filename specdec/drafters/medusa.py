@@ -130,9 +130,10 @@ def _first(choices: list[tuple[int, ...]], budget: int | None) -> list[tuple[int
 def _trim(tree: TokenTree, state: DecodeState) -> TokenTree:
     """The best `state.budget` nodes by score, none below the threshold (both keep a node's ancestors:
     a child never scores above its parent, and ties go to the lower index, the parent)."""
-    keep = tree.scores >= state.min_score
-    keep[: min(2, len(tree))] = True  # the root and the top depth-1 candidate: acceptance keeps being measured
-    if state.budget is not None and len(tree) - 1 > state.budget:
-        order = sorted(range(1, len(tree)), key=lambda i: (-float(tree.scores[i]), i))
-        keep[order[state.budget :]] = False
-    return tree.select(keep)
+    keep = (tree.scores >= state.min_score).tolist()
+    keep[: min(2, len(tree))] = [True] * min(2, len(tree))  # the root and the top depth-1 candidate: acceptance
+    if state.budget is not None and len(tree) - 1 > state.budget:  # keeps being measured
+        scores = tree.scores.tolist()
+        for i in sorted(range(1, len(tree)), key=lambda i: (-scores[i], i))[state.budget :]:
+            keep[i] = False
+    return tree if all(keep) else tree.select(torch.tensor(keep))

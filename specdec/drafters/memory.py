@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
+from specdec.devices import vocab_size
 from specdec.models import ASSETS, fingerprint, same_fingerprint
 
 CONFIG_FILE, TOKENS_FILE = "ngram_memory.json", "ngram_memory.safetensors"
@@ -157,7 +158,7 @@ class NGramMemory:
         Raises:
             ValueError: another vocabulary size, or other weights (fingerprint mismatch).
         """
-        vocab = target.get_output_embeddings().weight.shape[0]
+        vocab = vocab_size(target)
         if self.base is None:
             self.base = {"model": target.config.name_or_path, "vocab_size": vocab, "fingerprint": fingerprint(target)}
             return

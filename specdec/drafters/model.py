@@ -9,14 +9,9 @@ from transformers import PreTrainedModel
 
 from specdec import kv, verify
 from specdec.acceptance import Acceptance
+from specdec.devices import vocab_size
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.tree import TokenTree, expand_sampled, expand_topk
-
-
-def vocab_size(model: PreTrainedModel) -> int:
-    """The width of the model's logits."""
-    head = model.get_output_embeddings()
-    return head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
 
 
 class ModelDrafter(Drafter):
