@@ -176,7 +176,7 @@ def test_answer_files_have_spec_bench_layout(setup, answered):
     out = setup[3] / "out" / "answers"
     for method in ("baseline", "ngram", "hf_prompt_lookup"):
         records = lines(out / f"{method}.jsonl")
-        assert [r["question_id"] for r in records] == SELECTED
+        assert sorted(r["question_id"] for r in records) == SELECTED  # answered with the tasks in turn
         assert [r["category"] for r in records[:2]] == ["writing", "coding"]  # MT-bench's own, as Spec-Bench's
         assert [r["category"] for r in records[2:]] == [r["task"] for r in records[2:]] == list(spec_bench.TASKS[1:])
         assert {r["task"] for r in records[:2]} == {"mt_bench"}
@@ -288,7 +288,7 @@ def test_rerun_resumes_and_skips_finished_questions(setup):
     assert {p.name: p.read_text() for p in out.glob("*.jsonl")} == before
     run(config(setup, few=True, methods="[baseline,ngram,draft]", extra=extra))  # a new method answers them all
     assert {p.name: p.read_text() for p in out.glob("*.jsonl") if p.name != "draft.jsonl"} == before
-    assert [r["question_id"] for r in lines(out / "draft.jsonl")] == FEW
+    assert sorted(r["question_id"] for r in lines(out / "draft.jsonl")) == FEW
 
 
 def test_unknown_method_is_a_clear_error(setup):
