@@ -175,8 +175,8 @@ def test_the_default_question_set_is_the_dev_split():
 def test_answer_files_have_spec_bench_layout(setup, answered):
     out = setup[3] / "out" / "answers"
     for method in ("baseline", "ngram", "hf_prompt_lookup"):
-        records = lines(out / f"{method}.jsonl")
-        assert sorted(r["question_id"] for r in records) == SELECTED  # answered with the tasks in turn
+        records = sorted(lines(out / f"{method}.jsonl"), key=lambda r: r["question_id"])  # answered tasks in turn
+        assert [r["question_id"] for r in records] == SELECTED
         assert [r["category"] for r in records[:2]] == ["writing", "coding"]  # MT-bench's own, as Spec-Bench's
         assert [r["category"] for r in records[2:]] == [r["task"] for r in records[2:]] == list(spec_bench.TASKS[1:])
         assert {r["task"] for r in records[:2]} == {"mt_bench"}
