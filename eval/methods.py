@@ -11,6 +11,9 @@
   (eval/stress.py), which the controller must survive.
 - `hf_assisted`: Hugging Face assisted generation with the same draft (`assistant_model=`).
 - `hf_prompt_lookup`: Hugging Face prompt lookup decoding (`prompt_lookup_num_tokens=`).
+
+`variants` (conf/eval.yaml) adds methods of one's own naming: a method above with some settings changed,
+e.g. other Medusa heads or another n-gram memory next to the shipped ones, in the same run.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from eval.stress import Collapsing, Useless
 from heads.medusa import MedusaHeads
@@ -72,7 +75,9 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
         settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature)
     methods: dict[str, Method] = {}
     for name in cfg.methods:
-        if name == "baseline":
+        if name in (cfg.get("variants") or {}):
+            methods[name] = _variant(cfg, name, target, draft)
+        elif name == "baseline":
             methods[name] = _hf(target, settings, one_token_steps=True)
         elif name == "hf_assisted":
             methods[name] = _hf(target, {**settings, "assistant_model": draft})
@@ -87,6 +92,20 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
                 f"unknown method {name!r}: choose from baseline, {', '.join(drafters)}, {', '.join(PEERS)}"
             )
     return methods
+
+
+def _variant(cfg: DictConfig, name: str, target, draft) -> Method:
+    """`variants.<name>`: a method (`method:`) built with some settings changed, e.g. other heads or memory.
+
+    Raises:
+        ValueError: the variant names no method, or one that is a variant itself.
+    """
+    settings = OmegaConf.to_container(cfg.variants[name])
+    base = settings.pop("method", None)
+    if base is None or base in cfg.variants:
+        raise ValueError(f"variants.{name} needs `method:` naming a method that is not a variant, e.g. medusa")
+    changed = OmegaConf.merge(cfg, settings, {"methods": [base], "variants": {}})
+    return build_methods(changed, target, draft)[base]
 
 
 def _hf(target, settings: dict, one_token_steps: bool = False) -> Method:

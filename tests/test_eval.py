@@ -337,3 +337,22 @@ def test_control_group_sets_the_controller(setup):
 
     assert longest("control-default") > 2  # every draft token is accepted
     assert longest("control-depth1", extra=("control.max_depth=1",)) == 2  # one draft token + the bonus token
+
+
+def test_variants_run_a_method_with_other_settings_beside_it(setup):
+    chain = "{method: draft, draft_settings: {depth: 2, branching: 1, tree_budget: 2}}"
+    extra = (f"draft={setup[0]}", f"out_dir={setup[3] / 'variants'}", f"+variants={{draft_chain2: {chain}}}")
+    extra += ("controller=false",)  # the target drafts for itself: every draft token is accepted
+    summary = run(config(setup, few=True, methods="[baseline,draft,draft_chain2]", extra=extra))["methods"]
+    assert summary["draft_chain2"]["identical_share"] == 1.0 and summary["draft"]["identical_share"] == 1.0
+    steps = {
+        m: [
+            n
+            for r in lines(setup[3] / "variants" / "answers" / f"{m}.jsonl")
+            for n in r["choices"][0]["accept_lengths"]
+        ]
+        for m in ("draft", "draft_chain2")
+    }
+    assert max(steps["draft_chain2"]) <= 3 < max(steps["draft"])  # depth 2: two draft tokens + the bonus at most
+    with pytest.raises(ValueError, match="needs `method:`"):
+        run(config(setup, few=True, methods="[baseline,odd]", extra=("+variants={odd: {depth: 2}}",)))

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from specdec.drafters import DecodeState, NGramDrafter, NGramMemory
 from specdec.drafters.composite import follow
 from specdec.models import load_model
-from training.data import collect_prompts, generate_answers, reproduce_command, resolve_device
+from training.data import reproduce_command, resolve_device
+from training.mix import mix_counts, mix_rows, mix_table
 
 
 def replay(drafter: NGramDrafter, target, rows: list[dict], depth: int) -> float:
@@ -52,25 +53,40 @@ def main(cfg: DictConfig) -> None:
     torch.manual_seed(cfg.seed)
     target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)
     target = target.to(resolve_device(cfg.device))
-    prompts = collect_prompts(cfg, target, tokenizer)
-    rows = generate_answers(cfg, target, tokenizer, prompts, Path(cfg.data_cache) / "answers")
+    rows = mix_rows(cfg, target, tokenizer, Path(cfg.data_cache))
     kept, heldout = [r for r in rows if not r["heldout"]], [r for r in rows if r["heldout"]]
 
-    memory = NGramMemory(**cfg.memory)
+    if cfg.get("init_from"):  # a memory built before (e.g. the shipped one) that these answers extend
+        memory = NGramMemory.from_pretrained(cfg.init_from)
+        initial = len(memory)
+    else:
+        memory = NGramMemory(**cfg.memory)
+        initial = 0
     memory.check(target)
     memory.base["model"] = cfg.target
     memory.extend(row["answer_ids"] for row in kept)
     print(f"{len(memory)} tokens from {len(kept)} answers in the memory; replaying {len(heldout)} held-out answers")
 
     settings = dict(cfg.replay)
-    context_only = replay(NGramDrafter(**settings), target, heldout, settings["depth"])
-    with_memory = replay(NGramDrafter(**settings, memory=memory, remember=False), target, heldout, settings["depth"])
+
+    def tokens_per_step(rows: list[dict]) -> tuple[float, float]:
+        """Replayed tokens per step with the context alone, and with the memory."""
+        with_memory = NGramDrafter(**settings, memory=memory, remember=False)
+        return tuple(replay(d, target, rows, settings["depth"]) for d in (NGramDrafter(**settings), with_memory))
+
+    context_only, with_memory = tokens_per_step(heldout)
+    by_task = {}
+    for task in mix_counts(heldout):
+        pair = tokens_per_step([r for r in heldout if (r.get("task") or r["source"]) == task])
+        by_task[task] = dict(zip(("context_only", "with_memory"), (round(x, 3) for x in pair), strict=True))
 
     out = Path(cfg.output_dir)
     memory.save_pretrained(out)
     overrides = list(HydraConfig.get().overrides.task)
     metrics = {
         "target": cfg.target,
+        "init_from": cfg.get("init_from"),
+        "tokens_from_init": initial,
         "answers": len(kept),
         "tokens": len(memory),
         "heldout_answers": len(heldout),
@@ -78,6 +94,8 @@ def main(cfg: DictConfig) -> None:
         "replay_settings": settings,
         "replay_tokens_per_step_context_only": round(context_only, 3),
         "replay_tokens_per_step_with_memory": round(with_memory, 3),
+        "replay_by_task": by_task,
+        "mix": mix_counts(kept),
         "command_overrides": overrides,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -87,7 +105,9 @@ def main(cfg: DictConfig) -> None:
         f"Reproduce: `{reproduce_command('build_ngram_memory', HydraConfig.get().job.config_name, overrides)}`\n\n"
         f'Use: `NGramDrafter(memory="{out.name}")`. Measured at build time (`metrics.json`): replaying '
         f"{len(heldout)} held-out answers, greedy decoding gains {context_only:.2f} tokens per step from "
-        f"the context alone and {with_memory:.2f} with this memory.\n"
+        f"the context alone and {with_memory:.2f} with this memory.\n\n"
+        f"The answers added by this build, by task type (the mix, `conf/data/mix.yaml`; held-out ones not "
+        f"included):\n\n{mix_table(kept)}\n"
     )
     print(json.dumps(metrics, indent=2))
     print(f"memory written to {out}")

@@ -15,6 +15,7 @@ Rows are dicts: `prompt_ids`, `answer_ids`, `topk_ids`, `topk_logprobs`, `source
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
@@ -80,6 +81,38 @@ def evaluation_prompts(cfg: DictConfig) -> set[str]:
 
 
 SELF_PROMPTS = "self_prompts"  # the source name of prompts the target wrote
+T0_PROMPTS = "t0_prompts.jsonl.gz"  # P3 prompts: news summarization, reading comprehension, open QA, ...
+
+SOURCE_TASKS = {  # the kind of request each prompt file holds (the mix is reported by these)
+    "alpaca_seed_tasks.jsonl": "instructions",
+    "self_instruct_user_oriented_252.jsonl": "instructions",
+    "gpteacher_codegen_instruct.json": "code",
+    "gpteacher_roleplay_instruct.json": "roleplay",
+    "gpteacher_toolformer.json": "tool use",
+    "gsm8k_train.jsonl": "math",
+}
+
+
+def t0_prompts(cfg: DictConfig, evaluation: set[str]) -> list[dict]:
+    """`data.t0` (P3 task -> count): that many prompts of each task from `t0_prompts.jsonl.gz`, seeded.
+
+    Its tasks: `summarization` (CNN/DailyMail train articles), `context_qa` (a question over a passage),
+    `open_qa`, `generation`, `classification`.
+    """
+    wanted = dict(cfg.data.get("t0") or {})
+    if not wanted:
+        return []
+    with gzip.open(Path(cfg.data_dir) / T0_PROMPTS, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    unknown = set(wanted) - {r["task"] for r in rows}
+    if unknown:
+        raise ValueError(f"data.t0 names tasks {sorted(unknown)} that {T0_PROMPTS} does not have")
+    prompts = []
+    for task, count in wanted.items():
+        texts = [r["prompt"] for r in rows if r["task"] == task and r["prompt"].strip() not in evaluation]
+        random.Random(cfg.seed).shuffle(texts)
+        prompts += [{"source": f"t0/{task}", "task": task, "text": t} for t in texts[:count]]
+    return prompts
 
 
 def collect_prompts(cfg: DictConfig, target=None, tokenizer=None) -> list[dict]:
@@ -94,14 +127,20 @@ def collect_prompts(cfg: DictConfig, target=None, tokenizer=None) -> list[dict]:
     for name, count in cfg.data.sources.items():
         rows = load_dataset("json", data_files=str(data_dir / name), split="train")
         rows = rows.shuffle(seed=cfg.seed).select(range(min(count, len(rows))))
-        prompts += [{"source": name, "text": t} for t in map(_prompt_text, rows) if t.strip() not in evaluation]
+        task = SOURCE_TASKS.get(name, name)
+        prompts += [
+            {"source": name, "task": task, "text": t} for t in map(_prompt_text, rows) if t.strip() not in evaluation
+        ]
+    prompts += t0_prompts(cfg, evaluation)
     tries = cfg.data.get(SELF_PROMPTS) or 0
     if tries:
         if target is None or tokenizer is None:
             raise ValueError("data.self_prompts needs the target and its tokenizer: pass them to collect_prompts")
         cache = Path(cfg.get("data_cache") or cfg.work_dir) / SELF_PROMPTS
         texts = self_prompts(cfg, target, tokenizer, tries, cache)
-        prompts += [{"source": SELF_PROMPTS, "text": t} for t in texts if t not in evaluation]
+        prompts += [
+            {"source": SELF_PROMPTS, "task": "self-written chat", "text": t} for t in texts if t not in evaluation
+        ]
     random.Random(cfg.seed).shuffle(prompts)
     return prompts[: cfg.data.limit] if cfg.data.limit else prompts
 
@@ -160,13 +199,21 @@ def self_prompts(cfg: DictConfig, target, tokenizer, tries: int, shard_dir: Path
 
 
 def generate_answers(cfg: DictConfig, target, tokenizer, prompts: list[dict], shard_dir: Path) -> list[dict]:
-    """The target's greedy answer to every prompt: `{prompt_ids, answer_ids, topk_ids, topk_logprobs, ...}` rows."""
+    """The target's greedy answer to every prompt: `{prompt_ids, answer_ids, topk_ids, topk_logprobs, ...}` rows.
+
+    A prompt is `{"source", "text"}` (one user message) or `{"source", "messages"}` (a conversation that ends
+    with the user's turn); its `task`, `conversation` and `heldout` (default: among the first `data.heldout`)
+    are kept in its row. Prompts longer than `data.max_prompt_tokens` are left out.
+    """
     pad = pad_id(tokenizer)
     rows = []
     for i, p in enumerate(prompts):
-        ids = chat_input_ids(tokenizer, [{"role": "user", "content": p["text"]}])[0].tolist()
+        messages = p.get("messages") or [{"role": "user", "content": p["text"]}]
+        ids = chat_input_ids(tokenizer, messages)[0].tolist()
         if len(ids) <= cfg.data.max_prompt_tokens:
-            rows.append({"prompt_ids": ids, "source": p["source"], "heldout": i < cfg.data.heldout})
+            extra = {k: p[k] for k in ("task", "conversation") if k in p}
+            rows.append({"prompt_ids": ids, "source": p["source"], "heldout": p.get("heldout", i < cfg.data.heldout)})
+            rows[-1].update(extra)
     rows.sort(key=lambda r: len(r["prompt_ids"]))  # similar lengths batch with little padding
     batches = [rows[i : i + cfg.data.gen_batch_size] for i in range(0, len(rows), cfg.data.gen_batch_size)]
     batches = batches[: cfg.data.max_generated_batches]  # shortest prompts first; generation is the slow stage
@@ -185,11 +232,12 @@ ANSWER_FIELDS = ("answer_ids", "topk_ids", "topk_logprobs")
 
 
 def known_answers(shard_dirs: list[Path]) -> dict[tuple[int, ...], dict]:
-    """Answers already generated (by this config or another, e.g. a smaller data set), by prompt ids: a
-    config that adds prompts to an earlier one generates only the new prompts' answers. Shards kept without
-    the top-k fields (only Medusa-2 and draft distillation read them) give answers without them."""
+    """Answers already generated (by this config or another, e.g. a smaller data set), by prompt ids, from the
+    shards in `shard_dirs` and their subfolders: a config that adds prompts to an earlier one generates only
+    the new prompts' answers. Shards kept without the top-k fields (only Medusa-2 and draft distillation read
+    them) give answers without them."""
     known = {}
-    for shard in sorted(p for d in shard_dirs for p in d.glob("*.jsonl")):
+    for shard in sorted(p for d in shard_dirs for p in d.rglob("*.jsonl")):
         for line in shard.open():
             row = json.loads(line)
             known[tuple(row["prompt_ids"])] = {k: row[k] for k in ANSWER_FIELDS if k in row}

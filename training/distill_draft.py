@@ -35,8 +35,6 @@ from specdec.models import load_model
 from training.checkpoints import resume, save_checkpoint
 from training.data import (
     collate,
-    collect_prompts,
-    generate_answers,
     make_batches,
     pad_id,
     reproduce_command,
@@ -44,6 +42,7 @@ from training.data import (
     split_heldout,
     teacher_forced_rows,
 )
+from training.mix import mix_rows
 
 # ---------------------------------------------------------------- stage 3: training
 
@@ -228,9 +227,7 @@ def main(cfg: DictConfig) -> None:
     work = Path(cfg.work_dir)
     target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)  # the teacher for both data stages
     target = target.to(resolve_device(cfg.device))
-    prompts = collect_prompts(cfg, target, tokenizer)
-    print(f"{len(prompts)} prompts from {len(cfg.data.sources)} sources")
-    rows = generate_answers(cfg, target, tokenizer, prompts, work / "answers")
+    rows = mix_rows(cfg, target, tokenizer, work)
     rows += teacher_forced_rows(cfg, target, tokenizer, work / "teacher_forced")
     del target
     train_rows, heldout = split_heldout(rows, cfg.data.heldout)

@@ -42,8 +42,6 @@ from specdec.tree import best_choices
 from training.checkpoints import resume, save_checkpoint
 from training.data import (
     collate,
-    collect_prompts,
-    generate_answers,
     make_batches,
     pad_id,
     reproduce_command,
@@ -51,6 +49,7 @@ from training.data import (
     split_heldout,
     teacher_forced_rows,
 )
+from training.mix import mix_counts, mix_rows, mix_table
 
 IGNORE = -100
 
@@ -249,7 +248,7 @@ def load_rows(cfg: DictConfig, target, tokenizer) -> list[dict]:
     cache = Path(cfg.data_cache)
     rows = []
     if cfg.data.self_distill:
-        rows += generate_answers(cfg, target, tokenizer, collect_prompts(cfg, target, tokenizer), cache / "answers")
+        rows += mix_rows(cfg, target, tokenizer, cache)
     rows += teacher_forced_rows(cfg, target, tokenizer, cache / "teacher_forced")
     return rows
 
@@ -287,6 +286,7 @@ def finish(
         "expected_accepted_length": 1 + _expected_accepted(accuracy, choices),
         "train_tokens_per_s": log[-1]["tokens_per_s"] if log else None,
         "final_loss": log[-1]["loss"] if log else None,
+        "mix": mix_counts(rows),
         "config_name": HydraConfig.get().job.config_name,
         "init_from": cfg.get("init_from"),
         "command_overrides": list(HydraConfig.get().overrides.task),
@@ -298,7 +298,9 @@ def finish(
         f"# {out.name}\n\nMedusa heads for `{cfg.target}` trained by `training/train_medusa.py`.\n\n"
         f"Reproduce: `{command}`\n\n"
         f"Measured at export: `metrics.json` (per-head accuracy on held-out self-generated answers, the tree "
-        f"shape chosen from it, training speed).\n"
+        f"shape chosen from it, training speed).\n\n"
+        f"Training conversations by task type (the mix, `conf/data/mix.yaml`; held-out ones not included):\n\n"
+        f"{mix_table(rows)}\n"
     )
     return metrics
 
