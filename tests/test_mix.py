@@ -16,7 +16,7 @@ from training import data, mix
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-APPS = ["build_ngram_memory", "distill_draft", "train_medusa", "finetune_medusa"]
+APPS = ["build_ngram_memory", "distill_draft", "train_medusa", "finetune_medusa", "train_eagle"]
 MIX_KEYS = ["sources", "t0", "dialogs", "dialog_turns", "translation", "self_prompts", "max_prompt_tokens"]
 MIX_KEYS += ["max_new_tokens", "gen_dtype", "topk"]
 
