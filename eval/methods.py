@@ -6,8 +6,9 @@
   (the current context only); `ngram_memory`: the n-gram source with the cross-request memory
   `ngram_memory` (the target's own answers to training prompts, and every answer of this run as it
   goes); `medusa`: specdec with Medusa heads; `composite`: n-gram (with the memory) then draft model
-  (`Composite`); `medusa_ngram`: n-gram (with the memory) then Medusa heads; `useless` (random tokens) and
-  `collapsing` (`ngram_memory` for the first half of each answer, random tokens after): sources made to fail
+  (`Composite`); `medusa_ngram`: n-gram (with the memory) then Medusa heads; `eagle`, `eagle_ngram`: the
+  same with an EAGLE-3 head (`eagle_head`, EAGLE-2 dynamic trees); `useless` (random tokens) and `collapsing`
+  (`ngram_memory` for the first half of each answer, random tokens after): sources made to fail
   (eval/stress.py), which the controller must survive.
 - `hf_assisted`: Hugging Face assisted generation with the same draft (`assistant_model=`).
 - `hf_prompt_lookup`: Hugging Face prompt lookup decoding (`prompt_lookup_num_tokens=`).
@@ -28,9 +29,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from eval.stress import Collapsing, Useless
+from heads.eagle import EagleHead
 from heads.medusa import MedusaHeads
 from specdec.control import Controller
-from specdec.drafters import Composite, Drafter, MedusaDrafter, ModelDrafter, NGramDrafter, NGramMemory
+from specdec.drafters import (
+    Composite,
+    Drafter,
+    EagleDrafter,
+    MedusaDrafter,
+    ModelDrafter,
+    NGramDrafter,
+    NGramMemory,
+)
 from specdec.drafters.model import vocab_size
 from specdec.generate import SpeculativeGenerator
 
@@ -59,6 +69,9 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
     def medusa() -> MedusaDrafter:
         return MedusaDrafter(MedusaHeads.from_pretrained(cfg.medusa_heads, target))
 
+    def eagle() -> EagleDrafter:
+        return EagleDrafter(EagleHead.from_pretrained(cfg.eagle_head, target), **cfg.eagle_settings)
+
     drafters: dict[str, Callable[[], Drafter]] = {
         "draft": lambda: ModelDrafter(draft, **cfg.draft_settings),
         "draft_chain": lambda: ModelDrafter(draft, **{**cfg.draft_settings, "branching": 1}),
@@ -67,6 +80,8 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
         "composite": lambda: Composite([ngram_memory(), ModelDrafter(draft, **cfg.draft_settings)]),
         "medusa": medusa,
         "medusa_ngram": lambda: Composite([ngram_memory(), medusa()]),
+        "eagle": eagle,
+        "eagle_ngram": lambda: Composite([ngram_memory(), eagle()]),
         "useless": lambda: Useless(vocab_size(target)),  # eval/stress.py: the controller must lose ~nothing
         "collapsing": lambda: Collapsing(ngram_memory(), vocab_size(target), after=cfg.max_new_tokens // 2),
     }

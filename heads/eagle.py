@@ -47,10 +47,11 @@ from torch import nn
 from transformers import LlamaConfig, PreTrainedModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from specdec.models import fingerprint, same_fingerprint
+from specdec.models import ASSETS, fingerprint, same_fingerprint
 from specdec.verify import decoder_layers
 
 CONFIG_FILE, WEIGHTS_FILE = "eagle_config.json", "eagle_head.safetensors"
+BUILTIN_EAGLE = "smollm2-135m-instruct-eagle"  # specdec/assets/: the built-in target's head (training/train_eagle.py)
 EAGLE3_CONFIG, EAGLE3_WEIGHTS = "config.json", "model.safetensors"
 EAGLE3_ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")  # SGLang's name, vLLM's class name
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary frequencies that do not depend on sequence length
@@ -379,7 +380,7 @@ class EagleHead(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir: str | Path, target: PreTrainedModel) -> EagleHead:
         """A head saved by `save_pretrained`, or an EAGLE-3 checkpoint in the layout vLLM and SGLang load, for
-        `target`, in its dtype and on its device.
+        `target`, in its dtype and on its device; `BUILTIN_EAGLE` names the built-in target's, in specdec/assets/.
 
         Raises:
             FileNotFoundError: no head there.
@@ -387,7 +388,12 @@ class EagleHead(nn.Module):
             NotImplementedError: an EAGLE-3 checkpoint with features this head does not have (several layers,
                 biases, a rotary type whose frequencies depend on the length...).
         """
-        directory = Path(name_or_dir)
+        directory = ASSETS / BUILTIN_EAGLE if str(name_or_dir) == BUILTIN_EAGLE else Path(name_or_dir)
+        if str(name_or_dir) == BUILTIN_EAGLE and not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(
+                f"{BUILTIN_EAGLE} has not been trained yet (no {CONFIG_FILE} in {directory}): train it with "
+                f"`.venv/bin/python -m training.train_eagle`, or pass the directory of a head for this target"
+            )
         if (directory / CONFIG_FILE).is_file():
             config = EagleConfig.from_json((directory / CONFIG_FILE).read_text())
             state = load_file(directory / WEIGHTS_FILE)

@@ -8,7 +8,8 @@ Run: .venv/bin/python -m specdec.demo [--dtype fp32|bf16] [--drafter NAME] [--ma
 
 Drafters: `draft` (the shipped distilled draft model), `ngram` (the n-gram source with the shipped
 cross-request memory of the target's own answers), `medusa` (the shipped Medusa heads), `composite`
-(n-gram with the memory, then the draft model: the default).
+(n-gram with the memory, then the draft model: the default), `eagle` (the built-in EAGLE-3 head, once trained:
+`training/train_eagle.py`; until then a clear error).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from heads.eagle import BUILTIN_EAGLE, EagleHead
 from heads.medusa import BUILTIN_HEADS, MedusaHeads
 from specdec.chat import chat_input_ids, load_questions
-from specdec.drafters import Composite, Drafter, MedusaDrafter, ModelDrafter, NGramDrafter
+from specdec.drafters import Composite, Drafter, EagleDrafter, MedusaDrafter, ModelDrafter, NGramDrafter
 from specdec.drafters.memory import BUILTIN_MEMORY
 from specdec.generate import SpeculativeGenerator
 from specdec.models import ASSETS, BUILTIN_TARGET, DEFAULT_DRAFTS, load_model
@@ -34,13 +36,15 @@ def timed(fn):
     return result, time.perf_counter() - tic
 
 
-DRAFTERS = ("composite", "draft", "ngram", "medusa")
+DRAFTERS = ("composite", "draft", "ngram", "medusa", "eagle")
 
 
 def build_drafter(name: str, target, target_name: str, dtype: str) -> Drafter:
     """One of `DRAFTERS` for the built-in target."""
     if name == "medusa":
         return MedusaDrafter(MedusaHeads.from_pretrained(BUILTIN_HEADS, target))
+    if name == "eagle":
+        return EagleDrafter(EagleHead.from_pretrained(BUILTIN_EAGLE, target))
     if name == "ngram":
         return NGramDrafter(memory=BUILTIN_MEMORY)
     draft = ModelDrafter(load_model(DEFAULT_DRAFTS[target_name], dtype=dtype)[0])

@@ -17,9 +17,11 @@ from omegaconf import OmegaConf
 from tiny import tiny_model
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+import heads.eagle
 from eval import spec_bench
 from eval.report import acceptance_by_depth, read_answers, steps_with_at_most, tokens_per_second
 from eval.run import in_turns, run, select_questions
+from heads.eagle import EagleHead
 from heads.medusa import MedusaHeads
 from specdec.drafters import NGramMemory
 from specdec.models import ASSETS, BUILTIN_DRAFT
@@ -356,3 +358,15 @@ def test_variants_run_a_method_with_other_settings_beside_it(setup):
     assert max(steps["draft_chain2"]) <= 3 < max(steps["draft"])  # depth 2: two draft tokens + the bonus at most
     with pytest.raises(ValueError, match="needs `method:`"):
         run(config(setup, few=True, methods="[baseline,odd]", extra=("+variants={odd: {depth: 2}}",)))
+
+
+def test_eagle_methods_run_a_head_and_say_when_the_built_in_one_is_missing(setup, monkeypatch, tmp_path):
+    target = LlamaForCausalLM.from_pretrained(setup[0])
+    torch.manual_seed(0)
+    EagleHead.for_model(target, layers=(0, 1)).save_pretrained(setup[3] / "eagle")
+    extra = (f"out_dir={setup[3] / 'eagle-run'}", f"eagle_head={setup[3] / 'eagle'}")
+    summary = run(config(setup, few=True, methods="[baseline,eagle]", extra=extra))["methods"]
+    assert summary["eagle"]["identical_share"] == 1.0 and summary["eagle"]["questions"] == len(FEW)
+    monkeypatch.setattr(heads.eagle, "ASSETS", tmp_path)  # as before the built-in head is trained
+    with pytest.raises(FileNotFoundError, match=r"training\.train_eagle"):
+        run(config(setup, few=True, methods="[baseline,eagle]", extra=(f"out_dir={setup[3] / 'no-eagle'}",)))
