@@ -5,7 +5,8 @@ One controller serves every draft source. It keeps a small explicit model, updat
 - costs: verification time as a function of tree size: the measured time of recent trees of the same
   size class (sizes within a factor of two: 1, 2-3, 4-7, ...), moved along the slope `b` of a line
   `a + b * n` fitted to all recent steps (ridge least squares, pulled towards a flat prior while sizes
-  barely vary); the line alone for classes not measured yet. Matrix kernels are not linear in the number
+  barely vary); a class not measured yet is interpolated between the measured classes around it, or read
+  off the line beyond them. Matrix kernels are not linear in the number
   of tokens (on CPUs, fp32 steps jump where a kernel changes), so a line alone misjudges the plain step
   that every speculative step competes with. Drafting costs `c` per draft level.
 - value: `R[d]`, the measured probability that the accepted path reaches depth `d` when the tree did
@@ -28,7 +29,7 @@ From it, each step gets a `Plan`:
   accepted tokens save (every fourth step half of it, so that the cost slope `b` stays measurable);
 - fallback: when the best expected rate is below plain decoding's, plain steps are taken, and
   speculation is probed again after `probe_after` steps, doubling (up to `max_probe_after`) while it
-  keeps not paying.
+  keeps not paying; a new generation probes within `probe_after` steps and keeps half the back-off.
 """
 
 from __future__ import annotations
@@ -96,36 +97,46 @@ class CostModel:
 
     def verify_time(self, size: int, line: tuple[float, float]) -> float:
         """Expected seconds to verify a tree of `size` nodes: its size class's measured time, moved along the
-        line's slope to `size`; where the class was not measured, the line, but never less than a smaller
-        class was measured to cost (bigger trees do not verify faster)."""
-        a, b = line
-        key = size.bit_length()
-        measured = self.classes.get(key)
+        line's slope to `size`. Where the class was not measured: between two measured classes, interpolated
+        between their mean sizes and times (verification cost grows about linearly between kernel changes, and the
+        line, fitted mostly to plain steps, can miss a steep slope); beyond them, the line. Never less than a
+        smaller class was measured to cost (bigger trees do not verify faster)."""
+        measured = self.classes.get(size.bit_length())
         if measured is None:
-            return max([a + b * size] + [seconds for k, (_, seconds) in self.classes.items() if k < key])
+            return self._unmeasured(size, line, self._neighbours(size.bit_length()))
         mean_size, seconds = measured
-        return max(seconds + b * (size - mean_size), 1e-9)
+        return max(seconds + line[1] * (size - mean_size), 1e-9)
 
     def verify_times(self, max_size: int, line: tuple[float, float]) -> list[float]:
-        """`[verify_time(n, line) for n in 1 .. max_size]`, the measured classes below each size read once."""
-        below: dict[int, float] = {}  # size class -> the dearest measured class below it
-        dearest = None
-        for key in range(1, max_size.bit_length() + 1):
-            if dearest is not None:
-                below[key] = dearest
-            if key in self.classes:
-                seconds = self.classes[key][1]
-                dearest = seconds if dearest is None else max(dearest, seconds)
-        a, b = line
+        """`[verify_time(n, line) for n in 1 .. max_size]`, the measured classes around each size read once."""
+        neighbours = {key: self._neighbours(key) for key in range(1, max_size.bit_length() + 1)}
         times = []
         for size in range(1, max_size + 1):
             key = size.bit_length()
             if key in self.classes:
                 mean_size, seconds = self.classes[key]
-                times.append(max(seconds + b * (size - mean_size), 1e-9))
+                times.append(max(seconds + line[1] * (size - mean_size), 1e-9))
             else:
-                times.append(max(a + b * size, below[key]) if key in below else a + b * size)
+                times.append(self._unmeasured(size, line, neighbours[key]))
         return times
+
+    def _neighbours(self, key: int) -> tuple[tuple | None, tuple | None, float | None]:
+        """The nearest measured classes below and above size class `key` (mean size, seconds), and the dearest
+        measured class below it (seconds)."""
+        lower = [k for k in self.classes if k < key]
+        upper = [k for k in self.classes if k > key]
+        dearest = max((self.classes[k][1] for k in lower), default=None)
+        return (self.classes[max(lower)] if lower else None, self.classes[min(upper)] if upper else None, dearest)
+
+    @staticmethod
+    def _unmeasured(size: int, line: tuple[float, float], neighbours: tuple) -> float:
+        below, above, dearest = neighbours
+        if below is not None and above is not None and above[0] > below[0]:
+            (s0, t0), (s1, t1) = below, above
+            estimate = t0 + (t1 - t0) * (size - s0) / (s1 - s0)
+        else:
+            estimate = line[0] + line[1] * size
+        return estimate if dearest is None else max(estimate, dearest)
 
     def add_draft(self, levels: int, seconds: float) -> None:
         if levels > 0:
@@ -187,10 +198,11 @@ class Controller:
 
     def start(self) -> None:
         """A new generation: no streak, and speculation probed again within `probe_after` plain steps (a new
-        text may draft better than the last one did); costs and acceptance stay learnt."""
+        text may draft better than the last one did); costs and acceptance stay learnt, and so does half the
+        back-off: where the probe fails again, the probes after it stay rare (each costs a tree's verification)."""
         self.streak = 0
         self.plain_left = min(self.plain_left, self.config.probe_after)
-        self.backoff = self.config.probe_after
+        self.backoff = max(self.config.probe_after, self.backoff // 2)
 
     # ---------------------------------------------------------------- the model
 
@@ -223,9 +235,11 @@ class Controller:
         return curve
 
     def expected_rate(self, depth: int) -> float:
-        """Expected tokens per second of a step drafting `depth` levels (depth 0: plain decoding)."""
-        tokens = 1.0 + self._gains[self.streak][depth]
+        """Expected tokens per second of a step drafting `depth` levels (depth 0: plain decoding). A tree of `n`
+        draft nodes reaches depth `n` at most: when the node budget is below `depth`, only the depths the budget
+        can reach count."""
         size = 1 + min(math.ceil(depth * self.width), self._budget(depth)) if depth else 1
+        tokens = 1.0 + self._gains[self.streak][min(depth, size - 1)]
         seconds = (self.costs.draft_per_level or 0.0) * depth + self._verify_times()[size - 1]
         return tokens / max(seconds, 1e-9)
 

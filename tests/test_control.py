@@ -117,7 +117,8 @@ def test_precomputed_costs_give_the_definitions(verify, config):
         assert c._widest_budget(depth) == (within[0] if within else config.min_budget)
         size = 1 + min(math.ceil(depth * c.width), c._budget(depth))
         seconds = c.costs.draft_per_level * depth + verify_cost(c, size)
-        assert c.expected_rate(depth) == (1.0 + sum(c.acceptance_curve()[:depth])) / seconds
+        reach = min(depth, size - 1)  # a tree of n draft nodes reaches depth n at most
+        assert c.expected_rate(depth) == (1.0 + sum(c.acceptance_curve()[:reach])) / seconds
 
 
 def verify_cost(c: Controller, size: int) -> float:
@@ -159,12 +160,12 @@ def test_copy_runs_get_deep_drafts_and_other_steps_stay_shallow():
             c.update(plan, 1, 0, 0, 0.0, 0.0, verify(1))
             continue
         rate = 1.0 if copying else 0.3
+        depth = min(plan.depth, plan.budget)  # a chain within the plan's node budget
         accepted = 0
-        while accepted < plan.depth and torch.rand(1, generator=gen).item() < rate:
+        while accepted < depth and torch.rand(1, generator=gen).item() < rate:
             accepted += 1
-        size = 1 + min(plan.budget, plan.depth)
-        promised = plan.depth if copying else 3 * sum(rate**d for d in range(1, plan.depth + 1))  # overconfident
-        c.update(plan, size, plan.depth, accepted, promised, 0.0002 * plan.depth, verify(size))
+        promised = depth if copying else 3 * sum(rate**d for d in range(1, depth + 1))  # overconfident
+        c.update(plan, 1 + depth, depth, accepted, promised, 0.0002 * depth, verify(1 + depth))
     after_streak = [p["depth"] for p in c.history[100:] if p["speculate"] and p["streak"]]
     otherwise = [p["depth"] for p in c.history[100:] if p["speculate"] and not p["streak"]]
     assert len(after_streak) > 50 and len(otherwise) > 50
@@ -234,3 +235,18 @@ def test_free_sources_still_draft_while_the_controller_falls_back():
     stats = out.spec_stats
     assert stats.fallback_steps == len(stats.plans)
     assert stats.mean_accepted_length > 1.0 and max(stats.tree_sizes) > 1  # hits taken all the same
+
+
+def test_a_draft_that_ignores_its_budget_and_is_never_accepted_is_soon_left_alone():
+    """Like eval/stress.py's Useless: 4-token chains whatever the plan's budget, never accepted, and verification
+    that is dear beyond one token (one CPU thread); the 2-3 node size class is never measured."""
+    c = Controller()
+    for _ in range(300):
+        plan = c.plan()
+        if plan.speculate:
+            c.update(plan, 5, 4, 0, 0.9 + 0.81 + 0.73 + 0.66, 0.001, 0.300)
+        else:
+            c.update(plan, 1, 0, 0, 0.0, 0.0, 0.060)
+    speculative = [p["speculate"] for p in c.history]
+    assert sum(speculative[50:]) <= 4  # probes only, backing off
+    assert all(c.expected_rate(d) < c.expected_rate(0) for d in range(1, c.config.max_depth + 1))

@@ -233,7 +233,10 @@ def test_controller_keeps_what_it_learnt_and_starts_each_call_afresh():
     c.streak, c.plain_left, c.backoff = 1, 100, 64
     c.costs.add_verify(1, 0.04)
     c.start()
-    assert (c.streak, c.plain_left, c.backoff) == (0, 4, 4)
+    assert (c.streak, c.plain_left, c.backoff) == (0, 4, 32)  # the first probe soon, later ones as rare as half
+    c.backoff = 6
+    c.start()
+    assert c.backoff == 4  # never below probe_after
     assert c.costs.samples  # measurements stay
 
 
