@@ -39,8 +39,8 @@ def launch(base: Path, max_steps: int) -> str:
         "medusa.tree_topk=2", "train.mixed_precision=no", "train.batch_positions=32", f"train.max_steps={max_steps}",
         "train.checkpoint_every=2", "train.log_every=2", "train.warmup_steps=1",
     ]  # fmt: skip
-    # accelerate 1.16 starts several CPU processes through torchrun only with --multi_gpu (its --cpu route needs MPI);
-    # the app then sees device=cpu and joins them with gloo
+    # accelerate 1.16 starts several CPU processes through torchrun only with --multi_gpu (with --cpu: one process,
+    # unless given an MPI hostfile); the app then sees device=cpu and joins them with gloo
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += ["--main_process_port", str(free_port())]
