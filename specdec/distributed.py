@@ -16,11 +16,14 @@ account, so every rank's controller and `Composite` hold the same numbers and de
 default sampling generator is rank 0's too. `SpeculativeGenerator` enters `lockstep` by itself for a
 tensor-parallel target (the group of its `tp` mesh); ranks that run replicated models on the same prompt enter it
 themselves, e.g. `with lockstep(torch.distributed.group.WORLD): gen.generate(...)`. Outside `lockstep` nothing is
-broadcast, so processes that each decode their own prompts (data parallelism) never wait for each other.
+broadcast, so processes that each decode their own prompts (data parallelism) never wait for each other. Before each
+verification the ranks also compare their trees (`check_same_tree`): a rank that drafted another tree is an error on
+every rank, not a hang in the target's collectives.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -75,11 +78,40 @@ def rank_zero_int(value: int) -> int:
     return int(_broadcast([value], torch.int64)[0])
 
 
+def check_same_tree(tree) -> None:
+    """Within `lockstep`: every rank must be about to verify the same tree (one all-gather of its size and a checksum
+    of its tokens and parents), else a clear error on every rank instead of mismatched collectives (a hang).
+
+    Raises:
+        RuntimeError: the ranks drafted different trees (a source whose output depends on something other than the
+            tokens and rank 0's times, e.g. a replicated draft model whose kernels round differently per device).
+    """
+    group = active_group()
+    if group is None:
+        return
+    checksum = zlib.crc32(torch.stack([tree.tokens, tree.parents]).to(torch.int64).cpu().numpy().tobytes())
+    mine = torch.tensor([len(tree), checksum], dtype=torch.int64, device=_device(group))  # [2]
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    if any(not torch.equal(other, gathered[0]) for other in gathered):
+        sizes = [int(g[0]) for g in gathered]
+        raise RuntimeError(
+            f"the ranks drafted different trees (sizes {sizes}): every rank must run the same draft sources on the "
+            f"same prompt, options and seeds; a draft model replicated on several devices must compute identically"
+        )
+
+
+def _device(group) -> torch.device:
+    """Where `group`'s collectives take tensors: the CPU for gloo, this process's GPU for NCCL."""
+    if "gloo" in str(dist.get_backend(group)):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _broadcast(values: Sequence[float | int], dtype: torch.dtype) -> list:
     group = active_group()
     if group is None:
         return list(values)
-    device = "cpu" if "gloo" in str(dist.get_backend(group)) else torch.device("cuda", torch.cuda.current_device())
-    tensor = torch.tensor(list(values), dtype=dtype, device=device)  # [len(values)]
+    tensor = torch.tensor(list(values), dtype=dtype, device=_device(group))  # [len(values)]
     dist.broadcast(tensor, group=group, group_src=0)
     return tensor.tolist()

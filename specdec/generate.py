@@ -258,6 +258,7 @@ class SpeculativeGenerator:
                 tree = tree.truncate(0)  # a fallback step: the free draft does not pay, take a plain step
             if int(tree.tokens[0]) != state.root:
                 raise RuntimeError(f"{type(self.drafter).__name__} proposed a tree not rooted at the last token")
+            distributed.check_same_tree(tree)  # tensor parallelism: every rank verifies the same tree, or an error
             toc = verify.wall_time(self.target)
             catchup = self.drafter.catchup_time
             with (

@@ -52,6 +52,22 @@ class Slower(Drafter):
         return self.drafter.catchup_time
 
 
+class Shallower(Drafter):
+    """`drafter`'s trees cut to one level: on one rank only, a source that disagrees between ranks."""
+
+    def __init__(self, drafter: Drafter):
+        self.drafter = drafter
+
+    def start(self, target) -> None:
+        self.drafter.start(target)
+
+    def propose(self, state):
+        return self.drafter.propose(state).truncate(1)
+
+    def commit(self, acceptance) -> None:
+        self.drafter.commit(acceptance)
+
+
 class StopAfter(StoppingCriteria):
     """Stops after `n` new tokens (a stand-in for a criterion that reads a clock, as `max_time` does)."""
 
@@ -120,6 +136,13 @@ def tensor_parallel(rank: int, model_dir: Path) -> dict:
     stop = StoppingCriteriaList([StopAfter(ids.shape[1], 10 if rank == 0 else 3)])
     out = gen.generate(ids, max_new_tokens=NEW_TOKENS, stopping_criteria=stop, return_dict_in_generate=True)
     results["stopped"] = record(out)
+    # a draft source that disagrees between ranks: an error on both, not a hang in the target's collectives
+    drafter = NGramDrafter() if rank == 0 else Shallower(NGramDrafter())
+    try:
+        specdec.generate(target, ids, drafter=drafter, controller=None, max_new_tokens=NEW_TOKENS)
+        results["disagreeing"] = "no error"
+    except RuntimeError as error:
+        results["disagreeing"] = str(error)
     return results
 
 

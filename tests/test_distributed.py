@@ -57,6 +57,11 @@ def test_tensor_parallel_sampling_and_stopping_follow_rank_zero(ranks):
     assert len(first["stopped"]["tokens"]) - 24 == 10
 
 
+def test_ranks_that_draft_different_trees_fail_clearly(ranks):
+    for result in ranks:  # rank 1 cut its n-gram trees to one level: both ranks raise before verifying
+        assert "the ranks drafted different trees" in result["tensor_parallel"]["disagreeing"]
+
+
 def test_rank_one_is_slower(ranks):
     """The check is not vacuous: replicated models on their own clocks decide differently (rank 1's draft model
     costs 30 ms more per proposal), the same ranks in lockstep decide the same."""
