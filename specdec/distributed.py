@@ -79,7 +79,7 @@ def rank_zero_int(value: int) -> int:
 
 
 def check_same_tree(tree) -> None:
-    """Within `lockstep`: every rank must be about to verify the same tree (one all-gather of its size and a checksum
+    """Within `lockstep`: every rank must be about to verify the same tree (one all-reduce of its size and a checksum
     of its tokens and parents), else a clear error on every rank instead of mismatched collectives (a hang).
 
     Raises:
@@ -90,14 +90,15 @@ def check_same_tree(tree) -> None:
     if group is None:
         return
     checksum = zlib.crc32(torch.stack([tree.tokens, tree.parents]).to(torch.int64).cpu().numpy().tobytes())
-    mine = torch.tensor([len(tree), checksum], dtype=torch.int64, device=_device(group))  # [2]
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, mine, group=group)
-    if any(not torch.equal(other, gathered[0]) for other in gathered):
-        sizes = [int(g[0]) for g in gathered]
+    mine = [len(tree), checksum]
+    extremes = torch.tensor([*mine, *(-v for v in mine)], dtype=torch.int64, device=_device(group))  # [4]
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)  # the largest and (negated) smallest of each
+    most, least = extremes[:2].tolist(), (-extremes[2:]).tolist()
+    if most != least:
         raise RuntimeError(
-            f"the ranks drafted different trees (sizes {sizes}): every rank must run the same draft sources on the "
-            f"same prompt, options and seeds; a draft model replicated on several devices must compute identically"
+            f"the ranks drafted different trees (sizes {least[0]} to {most[0]}): every rank must run the same draft "
+            f"sources on the same prompt, options and seeds; a draft model replicated on several devices must "
+            f"compute identically"
         )
 
 
