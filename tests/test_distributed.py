@@ -17,6 +17,7 @@ import torch
 from tiny import small_draft, tiny_model
 
 from specdec import distributed
+from specdec.tree import TokenTree
 
 ROOT = Path(__file__).resolve().parents[1]
 DRAFTERS = ("ngram", "model", "composite", "medusa", "eagle")
@@ -78,4 +79,5 @@ def test_single_process_is_untouched():
     with distributed.lockstep(torch.distributed.group.WORLD):  # not initialised: a no-op
         assert distributed.rank_zero(3.0) == (3.0,)
         assert distributed.rank_zero_int(2**62 + 1) == 2**62 + 1
+        distributed.check_same_tree(TokenTree.chain(1, [2, 3]))  # nothing to compare with
     assert distributed.tensor_parallel_group(tiny_model("llama")) is None
