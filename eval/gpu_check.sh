@@ -41,5 +41,8 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
 EOF
 
 timeout "$EVAL_TIMEOUT" "$VENV/bin/python" -m eval.run dtype=bf16 device_map=cuda per_category="$PER_CATEGORY" \
-    "methods=[baseline,ngram_memory,medusa,hf_prompt_lookup]" out_dir="$OUT" 2>&1 | tee -a "$LOG"
+    "methods=[baseline,ngram_memory,medusa,hf_prompt_lookup]" out_dir="$OUT" 2>&1 | tee -a "$LOG" || {
+    stage "harness stopped or failed (after at most ${EVAL_TIMEOUT}s): see $LOG; run again to resume"
+    exit 1
+}
 stage "done: $OUT/summary.md"
