@@ -33,7 +33,8 @@ def launch(base: Path, max_steps: int) -> str:
     overrides = [
         f"target={base / 'model'}", f"data_dir={base / 'data'}", f"data_cache={base / 'cache'}",
         f"work_dir={base / 'work'}", f"output_dir={base / 'heads'}",
-        "~data.sources", "+data.sources={prompts.jsonl:16}", "data.reuse_answers=[]", "data.heldout=4",
+        "~data.sources", "+data.sources={prompts.jsonl:16}", "~data.t0", "data.dialogs=0", "data.translation=0",
+        "data.self_prompts=0", "data.reuse_answers=[]", "data.heldout=4",
         "data.max_new_tokens=16", "data.gen_batch_size=8",
         "data.gen_dtype=fp32", "device=cpu", "medusa.num_heads=2", "medusa.draft_vocab=64", "medusa.tree_budget=4",
         "medusa.tree_topk=2", "train.mixed_precision=no", "train.batch_positions=32", f"train.max_steps={max_steps}",
