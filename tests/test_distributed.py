@@ -25,8 +25,8 @@ DRAFTERS = ("ngram", "model", "composite", "medusa", "eagle")
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    """Both ranks' results, from one run of the worker for the module (bounded: 60 s; it took 43 s on 2 cores shared
-    with a training job at a load average of 7, 12 s of it generating)."""
+    """Both ranks' results, from one run of the worker for the module (bounded: 60 s; it took 26 s in the full suite
+    on 2 shared cores, 43 s at a load average of 7)."""
     base = tmp_path_factory.mktemp("distributed")
     tiny_model("llama").save_pretrained(base / "target")
     small_draft("llama").save_pretrained(base / "draft")
