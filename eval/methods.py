@@ -32,6 +32,7 @@ from eval.stress import Collapsing, Useless
 from heads.eagle import EagleHead
 from heads.medusa import MedusaHeads
 from specdec.control import Controller
+from specdec.devices import input_device
 from specdec.drafters import (
     Composite,
     Drafter,
@@ -126,7 +127,10 @@ def _variant(cfg: DictConfig, name: str, target, draft) -> Method:
 def _hf(target, settings: dict, one_token_steps: bool = False) -> Method:
     """`target.generate`; plain decoding gains one token per step, peers do not report their steps."""
 
+    device = input_device(target)
+
     def run(ids: torch.Tensor) -> Result:
+        ids = ids.to(device)  # specdec moves the prompt itself; target.generate wants it on the model's device
         tic = time.perf_counter()
         out = target.generate(ids, attention_mask=torch.ones_like(ids), **settings)
         seconds = time.perf_counter() - tic

@@ -122,8 +122,9 @@ def run(cfg: DictConfig) -> dict:
     tokenizer = None
     if todo:
         torch.manual_seed(cfg.seed)
-        target, tokenizer = load_model(cfg.target, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
-        draft, _ = load_model(cfg.draft, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+        placement = {"attn_implementation": cfg.attn_implementation, "device_map": cfg.get("device_map")}
+        target, tokenizer = load_model(cfg.target, dtype=cfg.dtype, **placement)
+        draft, _ = load_model(cfg.draft, dtype=cfg.dtype, **placement)
         methods = build_methods(cfg, target, draft)
         warm_up(methods, tokenizer, cfg.warmup)
         for question in tqdm(todo, desc="questions", unit="q"):

@@ -324,7 +324,7 @@ class EagleHead(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """`[T, k*H]` target features (the concatenated layer states) -> `[T, H]`."""
-        return self.fc(features.to(self.fc.weight.dtype))
+        return self.fc(features.to(self.fc.weight.device, self.fc.weight.dtype))  # the target may be on other devices
 
     def forward(
         self,

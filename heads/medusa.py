@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from specdec.devices import execution_device, is_offloaded, onloaded, vocab_size
+from specdec.devices import execution_device, is_offloaded, onloaded, vocab_size, whole
 from specdec.models import ASSETS, fingerprint, same_fingerprint
 
 CONFIG_FILE, WEIGHTS_FILE, ADAPTER_DIR = "medusa_config.json", "medusa_heads.safetensors", "lora_adapter"
@@ -171,7 +171,7 @@ class MedusaHeads(nn.Module):
         if shared_lm_head:
             return _placed(cls(config), model)
         with onloaded(model.get_output_embeddings()) as lm_head:
-            return _placed(cls(config, lm_head.weight.detach().float()), model)
+            return _placed(cls(config, whole(lm_head.weight).detach().float()), model)
 
     @property
     def choices(self) -> list[tuple[int, ...]] | None:
@@ -190,14 +190,15 @@ class MedusaHeads(nn.Module):
 
     def lm_weights(self, lm_head: nn.Module | None = None) -> list[torch.Tensor]:
         """Each head's LM-head weight `[V', H]`, restricted to the draft vocabulary when there is one. An
-        offloaded shared LM head (accelerate) is read once into a copy on its execution device."""
+        offloaded shared LM head (accelerate) is read once into a copy on its execution device; a tensor-parallel one is
+        gathered whole on every rank (a collective)."""
         heads = range(self.config.num_heads) if self.lm_heads is not None else [0]  # shared: one weight
         modules = [self._lm_head(k, lm_head) for k in heads]
         weights = []
         for module in modules:
             offloaded = is_offloaded(module)
             with onloaded(module):
-                weight = module.weight
+                weight = whole(module.weight)  # a tensor-parallel LM head's shards gathered
                 if self.config.draft_vocab:
                     weight = weight.index_select(0, self.vocab.to(weight.device))
                 elif offloaded:

@@ -40,6 +40,8 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from specdec import distributed
+
 
 @dataclass(frozen=True)
 class ControlConfig:
@@ -330,7 +332,9 @@ class Controller:
             promised: the tree's own expected accepted tokens (sum of node probabilities), 0 if unscored.
             draft_seconds: drafting time; verify_seconds: the rest of the step (the verification forward, acceptance,
                 cache compaction, the drafter's commit), which grows with the tree as the forward does.
+                Within `specdec.distributed.lockstep` both are rank 0's, so that every rank plans the same.
         """
+        draft_seconds, verify_seconds = distributed.rank_zero(draft_seconds, verify_seconds)
         cfg, ema = self.config, self.config.ema
         self._budgets, self._best, self._verify = {}, None, None  # the measurements below change them
         self.costs.add_verify(tree_size, verify_seconds)

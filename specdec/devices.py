@@ -10,7 +10,8 @@ answer from the hooks first, then from the parameters:
 - `execution_device(module)`: where a module computes (e.g. the LM head, for heads that reuse its output);
 - `compute_dtype(model)`: the dtype of its hidden states (attention masks are built in it);
 - `onloaded(module)`: a block within which the module's parameters hold their values;
-- `vocab_size(model)`: the width of its logits.
+- `vocab_size(model)`: the width of its logits;
+- `whole(tensor)`: a tensor-parallel parameter's full value (its shards gathered).
 """
 
 from __future__ import annotations
@@ -109,3 +110,10 @@ def vocab_size(model: PreTrainedModel) -> int:
     if head is None:
         return model.config.get_text_config().vocab_size
     return getattr(head, "out_features", None) or head.weight.shape[0]
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full value of a tensor-parallel parameter (a `DTensor`, as `tp_plan="auto"` leaves them: its shards
+    gathered, a collective that every rank of its mesh must run); any other tensor unchanged."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if full is not None else tensor

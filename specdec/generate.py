@@ -26,7 +26,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from specdec import acceptance, kv, verify
+from specdec import acceptance, distributed, kv, verify
 from specdec.control import Controller
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.sampling import Sampling, default_generator
@@ -186,9 +186,10 @@ class SpeculativeGenerator:
             config, limits, input_ids, prompt = self._prepare(
                 inputs, generation_config, stopping_criteria, kwargs, tokenizer
             )
-            if limits.sampling is not None and generator is None:
-                generator = default_generator()
-            with self._lock:
+            # a tensor-parallel target's ranks take rank 0's timing-based decisions (specdec.distributed)
+            with self._lock, distributed.lockstep(distributed.tensor_parallel_group(self.target)):
+                if limits.sampling is not None and generator is None:
+                    generator = default_generator()
                 if streamer is not None:
                     streamer.put(input_ids.cpu())
                 new_tokens, logits, stats = self._decode(prompt, limits, streamer, generator)
@@ -257,6 +258,7 @@ class SpeculativeGenerator:
                 tree = tree.truncate(0)  # a fallback step: the free draft does not pay, take a plain step
             if int(tree.tokens[0]) != state.root:
                 raise RuntimeError(f"{type(self.drafter).__name__} proposed a tree not rooted at the last token")
+            distributed.check_same_tree(tree)  # tensor parallelism: every rank verifies the same tree, or an error
             toc = verify.wall_time(self.target)
             catchup = self.drafter.catchup_time
             with (
@@ -319,7 +321,7 @@ class SpeculativeGenerator:
         if not limits.stopping_criteria:
             return False
         input_ids = torch.tensor([[*limits.padding_ids, *tokens]])  # the sequence as HF's criteria see it
-        return bool(limits.stopping_criteria(input_ids, scores).any())
+        return bool(distributed.rank_zero(float(limits.stopping_criteria(input_ids, scores).any()))[0])  # max_time
 
 
 # The controller the functional form uses for each (drafter, target) pair, so that it keeps learning across calls.

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.attention import SDPA_TREE
-from specdec.devices import onloaded
+from specdec.devices import onloaded, whole
 
 BUILTIN_TARGET = "smollm2-135m-instruct"
 BUILTIN_DRAFT = "smollm2-135m-instruct-draft"
@@ -108,11 +108,11 @@ def fingerprint(model: PreTrainedModel, rows: int = 8) -> list[float]:
     """What identifies the base model in any dtype: norms of `rows` evenly spaced rows of the input and
     output embeddings, norms of the middle and the last parameter tensors, and the parameter count.
     (A draft that shares the target's embeddings still differs in the rest.) Offloaded weights are read
-    one module at a time (`devices.onloaded`)."""
+    one module at a time (`devices.onloaded`), tensor-parallel ones gathered: the whole model's fingerprint."""
     values = []
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         with onloaded(module):
-            matrix = module.weight
+            matrix = whole(module.weight)
             index = torch.linspace(0, matrix.shape[0] - 1, rows).long().to(matrix.device)
             values += matrix.detach().index_select(0, index).float().norm(dim=-1).tolist()
     tied = getattr(model, "all_tied_weights_keys", None) or {}  # {tied copy: source}; offloading unties them
@@ -120,7 +120,7 @@ def fingerprint(model: PreTrainedModel, rows: int = 8) -> list[float]:
     for name in (params[len(params) // 2], params[-1]):
         owner, _, attribute = name.rpartition(".")
         with onloaded(model.get_submodule(owner)) as module:
-            values.append(float(getattr(module, attribute).detach().float().norm()))
+            values.append(float(whole(getattr(module, attribute)).detach().float().norm()))
     values.append(float(sum(model.get_parameter(name).numel() for name in params)))
     return [round(v, 5) for v in values]
 

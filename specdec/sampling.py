@@ -19,6 +19,8 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from specdec import distributed
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -73,6 +75,7 @@ class Sampling:
 
 
 def default_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from torch's global RNG, so `torch.manual_seed(s)` still fixes the output."""
-    seed = int(torch.randint(0, 2**62, (1,)))
+    """A generator seeded from torch's global RNG, so `torch.manual_seed(s)` still fixes the output (rank 0's seed
+    within `specdec.distributed.lockstep`)."""
+    seed = distributed.rank_zero_int(int(torch.randint(0, 2**62, (1,))))
     return torch.Generator(device=device).manual_seed(seed)

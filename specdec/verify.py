@@ -170,8 +170,9 @@ def aux_hidden_states(model: PreTrainedModel, layers: Sequence[int]) -> Iterator
 
         return hook
 
-    def collect(*_) -> None:
-        captured.append(torch.cat([inputs[i] for i in layers], dim=-1))
+    def collect(*_) -> None:  # layers may sit on several devices (device_map="auto"): the last one's holds them
+        device = inputs[layers[-1]].device
+        captured.append(torch.cat([inputs[i].to(device) for i in layers], dim=-1))
         inputs.clear()
 
     hooks = [modules[i].register_forward_pre_hook(keep(i), with_kwargs=True) for i in sorted(set(layers))]

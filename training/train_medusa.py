@@ -11,7 +11,10 @@ Stages, each resumable:
    Medusa-2 (`medusa.lora=true`): LoRA on the target through peft; joint loss = distillation of the
    LM head towards the original target's top-k (keeps its outputs) + `heads_weight` * the heads' loss.
 3. training with accelerate (device, precision, `accelerate launch`), gradient accumulation, progress
-   bar, checkpoints and resume; head k's loss is weighted `head_decay ** k`.
+   bar, checkpoints and resume; head k's loss is weighted `head_decay ** k`. Under `accelerate launch
+   --num_processes N` the main process makes the data and the features (the others then read its shards),
+   each process trains on its share of every batch (gradients averaged by DDP, so a step is the same batch as in
+   one process), and only the main process writes files; at the end the processes check that their heads agree.
 4. report: per-head top-1 / top-k accuracy on held-out self-generated answers, the tree shape with the
    most expected accepted tokens for `tree_budget` nodes (`specdec.tree.best_choices`), tokens/s of
    training; heads (+ adapter), `metrics.json` and a README with the command go to `output_dir`.
@@ -22,13 +25,15 @@ Run: .venv/bin/python -m training.train_medusa  (see the config's header for Med
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import hydra
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from peft import LoraConfig, get_peft_model
@@ -160,7 +165,7 @@ def train_medusa1(cfg: DictConfig, heads: MedusaHeads, lm_head, embed, features:
     )
     size, n = cfg.train.batch_positions, len(features["labels"])
     order = [torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + e)) for e in range(cfg.train.epochs)]
-    batches = [perm[i : i + size] for perm in order for i in range(0, n, size)]
+    batches = [_share(perm[i : i + size], accelerator) for perm in order for i in range(0, n, size)]
     optimizer, scheduler, steps = _optimizer(cfg, heads.parameters(), len(batches))
     heads, optimizer, scheduler = accelerator.prepare(heads, optimizer, scheduler)
     lm_head, embed = lm_head.to(accelerator.device), embed.to(accelerator.device)
@@ -182,7 +187,8 @@ def train_medusa2(
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum
     )
-    batches = [b for e in range(cfg.train.epochs) for b in make_batches(rows, cfg.train.batch_size, cfg.seed + e)]
+    epochs = range(cfg.train.epochs)
+    batches = [_share(b, accelerator) for e in epochs for b in make_batches(rows, cfg.train.batch_size, cfg.seed + e)]
     model = torch.nn.ModuleDict({"target": target, "heads": heads})
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler, steps = _optimizer(cfg, trainable, len(batches))
@@ -207,6 +213,12 @@ def train_medusa2(
     return _loop(cfg, accelerator, model, optimizer, scheduler, steps, step, ckpt_dir, "medusa-2")
 
 
+def _share(batch, accelerator: Accelerator):
+    """This process's part of a batch (every `num_processes`-th item): together the processes train on the whole
+    batch, and DDP averages their gradients."""
+    return batch[accelerator.process_index :: accelerator.num_processes]
+
+
 def _optimizer(cfg: DictConfig, params, batches: int):
     steps = batches // cfg.train.grad_accum
     steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
@@ -218,7 +230,7 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, steps: int, step, ckpt_
     """The shared loop: `step(index) -> (loss, per-part losses, tokens)`; logs, checkpoints, resumes."""
     total = steps * cfg.train.grad_accum
     done, log = resume(accelerator, ckpt_dir)
-    progress = tqdm(total=total, initial=done, desc=desc, unit="batch")
+    progress = tqdm(total=total, initial=done, desc=desc, unit="batch", disable=not accelerator.is_main_process)
     tokens, tic = 0, time.perf_counter()
     model.train()
     for index in range(done, total):
@@ -232,8 +244,12 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, steps: int, step, ckpt_
         progress.update(1)
         if (index + 1) % cfg.train.log_every == 0 or index + 1 == total:
             seconds = time.perf_counter() - tic
-            log.append({"batch": index + 1, "loss": loss.item(), "parts": parts, "tokens_per_s": tokens / seconds})
-            progress.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / seconds:.0f}")
+            # over all processes: mean losses, tokens summed (the same log on every process)
+            losses = accelerator.reduce(torch.tensor([loss.item(), *parts], device=accelerator.device), "mean")
+            loss_value, parts = losses[0].item(), losses[1:].tolist()
+            all_tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
+            log.append({"batch": index + 1, "loss": loss_value, "parts": parts, "tokens_per_s": all_tokens / seconds})
+            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{all_tokens / seconds:.0f}")
         if (index + 1) % cfg.train.checkpoint_every == 0 or index + 1 == total:
             save_checkpoint(accelerator, ckpt_dir, index + 1, log)
     progress.close()
@@ -320,12 +336,17 @@ def _expected_accepted(accuracy: torch.Tensor, choices: list[tuple[int, ...]]) -
 def main(cfg: DictConfig) -> None:
     work = Path(cfg.work_dir)
     torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    # under `accelerate launch` (or torchrun): this process's rank and device; on CPUs, gloo (accelerate detects
+    # several CPU processes only when told that they are on CPUs)
+    state = PartialState(cpu=device.type == "cpu")
     target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)
-    target = target.to(resolve_device(cfg.device))
-    rows = load_rows(cfg, target, tokenizer)
+    target = target.to(state.device if state.num_processes > 1 else device)
+    with state.main_process_first():  # the main process makes the answers, the others then read its shards
+        rows = load_rows(cfg, target, tokenizer)
     pad = pad_id(tokenizer)
     train_rows, heldout_rows = split_heldout(rows, cfg.data.heldout)
-    print(f"{len(train_rows)} training conversations, {len(heldout_rows)} held out")
+    state.print(f"{len(train_rows)} training conversations, {len(heldout_rows)} held out")
     k = cfg.medusa.num_heads
     heads = MedusaHeads.for_model(
         target, k, cfg.medusa.num_layers, cfg.medusa.shared_lm_head, name=cfg.target, path_inputs=cfg.medusa.path_inputs
@@ -333,16 +354,20 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("init_from"):
         heads = initialised_from(heads, cfg.init_from, target)
     heads = heads.float()
+    extra = {"num_processes": state.num_processes}
     if not cfg.medusa.lora:  # Medusa-1: the frozen target runs once, to cache its hidden states
         batch = cfg.data.feature_batch_size
-        heldout = cache_features(target, heldout_rows, k, pad, batch, work / "features_heldout")
-        features = cache_features(target, train_rows, k, pad, batch, work / "features")
-        print(f"{len(features['labels'])} training positions cached")
+        with state.main_process_first():
+            heldout = cache_features(target, heldout_rows, k, pad, batch, work / "features_heldout")
+            features = cache_features(target, train_rows, k, pad, batch, work / "features")
+        state.print(f"{len(features['labels'])} training positions cached")
         frozen = FrozenParts(frozen_copy(target.get_output_embeddings()), frozen_copy(target.get_input_embeddings()))
         del target
         log = train_medusa1(cfg, heads, frozen.lm_head, frozen.embed, features, work / "checkpoints")
-        extra = {"train_positions": len(features["labels"])}
-        metrics = finish(cfg, heads, frozen, heldout, log, extra, train_rows)
+        check_processes_agree(heads, state)
+        if state.is_main_process:
+            extra["train_positions"] = len(features["labels"])
+            metrics = finish(cfg, heads, frozen, heldout, log, extra, train_rows)
     else:  # Medusa-2: LoRA on a trainable fp32 copy of the target, trained with the heads
         del target
         target, _ = load_model(cfg.target, dtype="fp32")  # accelerate moves the trainable copy
@@ -352,14 +377,37 @@ def main(cfg: DictConfig) -> None:
         peft_target = get_peft_model(plain_copy(target), lora)
         heads.config = dataclasses.replace(heads.config, lora=True)
         log = train_medusa2(cfg, heads, peft_target, train_rows, pad, work / "checkpoints-lora")
-        peft_target.save_pretrained(Path(cfg.output_dir) / ADAPTER_DIR)
-        merged = peft_target.merge_and_unload().eval()
-        batch = cfg.data.feature_batch_size
-        heldout = cache_features(merged, heldout_rows, k, pad, batch, work / "features_heldout_lora")
-        metrics = finish(cfg, heads, merged, heldout, log, {"medusa": 2}, train_rows)
+        check_processes_agree(heads, state)
+        if state.is_main_process:
+            peft_target.save_pretrained(Path(cfg.output_dir) / ADAPTER_DIR)
+            merged = peft_target.merge_and_unload().eval()
+            batch = cfg.data.feature_batch_size
+            heldout = cache_features(merged, heldout_rows, k, pad, batch, work / "features_heldout_lora")
+            metrics = finish(cfg, heads, merged, heldout, log, {"medusa": 2, **extra}, train_rows)
+    if not state.is_main_process:  # only the main process writes files
+        return
     (work / "train_log.json").write_text(json.dumps(log, indent=1))
     print(json.dumps({key: v for key, v in metrics.items() if key not in ("command_overrides", "heads")}, indent=2))
     print(f"heads written to {cfg.output_dir}")
+
+
+def check_processes_agree(heads: MedusaHeads, state: PartialState) -> None:
+    """Under `accelerate launch`: each process prints a digest of its trained heads, and all must be equal (DDP keeps
+    them so); one process alone does nothing.
+
+    Raises:
+        RuntimeError: the processes ended with different heads.
+    """
+    if state.num_processes <= 1:
+        return
+    digest = hashlib.sha256()
+    for name, tensor in sorted(heads.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    print(f"process {state.process_index} of {state.num_processes}: heads sha256 {digest.hexdigest()}", flush=True)
+    digests = gather_object([digest.hexdigest()])
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the training processes ended with different heads: {digests}")
 
 
 def initialised_from(heads: MedusaHeads, name_or_dir: str, target) -> MedusaHeads:

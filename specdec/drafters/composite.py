@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from specdec import distributed
 from specdec.acceptance import Acceptance
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.tree import TokenTree
@@ -128,7 +129,8 @@ class Composite(Drafter):
             tree = drafter.propose(state)
             ledger = self.ledgers[index]
             ledger.asks = self.discount * ledger.asks + 1
-            drafting = time.perf_counter() - tic - drafter.catchup_time
+            # rank 0's time on every rank in lockstep (tensor parallelism), so all skip the same sources
+            (drafting,) = distributed.rank_zero(time.perf_counter() - tic - drafter.catchup_time)
             ledger.seconds = self.discount * ledger.seconds + drafting
             self._asked.append((index, tree))
             # a tree of random draws is used as drawn: choosing it by its tokens' values would bias them
