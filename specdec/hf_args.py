@@ -181,13 +181,13 @@ def _left_padding(input_ids: torch.Tensor | None, attention_mask: torch.Tensor |
     if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         shape = None if input_ids is None else tuple(input_ids.shape)
         raise ValueError(f"an empty prompt cannot be continued: pass input_ids of shape [B, L>=1], got {shape}")
-    if attention_mask is None or bool(attention_mask.all()):
-        return [0] * input_ids.shape[0]
-    if attention_mask.shape != input_ids.shape:
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: "
             f"they must match"
         )
+    if attention_mask is None or bool(attention_mask.all()):
+        return [0] * input_ids.shape[0]
     mask = attention_mask.cpu().long()
     paddings = (mask == 0).sum(1).tolist()
     for row, padding in enumerate(paddings):
