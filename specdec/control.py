@@ -226,8 +226,11 @@ class Controller:
     def expected_rate(self, depth: int) -> float:
         """Expected tokens per second of a step drafting `depth` levels (depth 0: plain decoding), for the
         batch of `rows` rows being planned for: every row drafts (one after the other) and gains tokens."""
-        tokens = self.rows * (1.0 + self._gains[self.streak][depth])
         size = 1 + min(math.ceil(depth * self.width), self._budget(depth)) if depth else 1
+        # A tree of b draft nodes is at most b deep. Counted for batches, whose budgets are often below the depth;
+        # one row keeps its measured behaviour (gains read at `depth`) until that change is measured on its own.
+        reach = min(depth, size - 1) if self.rows > 1 else depth
+        tokens = self.rows * (1.0 + self._gains[self.streak][reach])
         seconds = (self.costs.draft_per_level or 0.0) * depth * self.rows + self._verify_times()[size - 1]
         return tokens / max(seconds, 1e-9)
 

@@ -89,6 +89,9 @@ class SpeculativeGenerator:
 
         Greedy decoding gives `target.generate`'s tokens; sampling (`do_sample=True` with temperature,
         top_k, top_p, min_p) gives its distribution, through lossless rejection sampling on the tree.
+        A batch (`inputs` `[B, L]`, left-padded, with its `attention_mask`) is decoded in one loop, each row as
+        its own prompt would be: rows accept different amounts, a finished row leaves the batch, and its
+        output is `pad_token_id` after its end; `spec_stats` is then a `BatchSpecStats` (one `SpecStats` per row).
 
         Args:
             generator: a CPU `torch.Generator`, the only source of randomness when sampling (default:
@@ -98,7 +101,7 @@ class SpeculativeGenerator:
         Raises:
             ValueError: empty prompt, token ids outside the vocabulary, a padding pattern other than left
                 padding, no room for new tokens, a generation longer than a sliding attention window,
-                `stop_strings` without a tokenizer.
+                `stop_strings` without a tokenizer, a streamer with a batch.
             NotImplementedError: options (beam search, repetition penalty, typical_p, ...) that specdec does
                 not reproduce yet, and `output_scores` / `output_logits` for batches; use `target.generate`.
         """

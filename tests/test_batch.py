@@ -11,6 +11,7 @@ import specdec
 from heads.eagle import EagleHead
 from heads.medusa import MedusaHeads
 from specdec import kv, verify
+from specdec.control import Controller, Plan
 from specdec.drafters import Composite, EagleDrafter, MedusaDrafter, ModelDrafter, NGramDrafter
 from specdec.drafters.memory import NGramMemory
 from specdec.sampling import Sampling
@@ -273,3 +274,32 @@ def test_a_streamer_takes_one_row(models):
     with pytest.raises(ValueError, match="streamer takes one prompt"):
         specdec.generate(target, torch.randint(3, VOCAB, (2, 3)), drafter=ModelDrafter(small), streamer=streamer)
     assert streamer.ended
+
+
+def simulate_batch(rows: int, steps: int = 80, accept_rate: float = 0.8, seed: int = 0) -> list[Plan]:
+    """A controller planning for `rows` rows whose verification costs what a CPU's does: flat up to 8 tokens,
+    then linear in the tokens of the step (rows x tree size)."""
+    controller, gen, plans = Controller(), torch.Generator().manual_seed(seed), []
+    for _ in range(steps):
+        plan = controller.plan(rows=rows)
+        plans.append(plan)
+        size = 1 + min(plan.budget, 2 * plan.depth) if plan.speculate else 1
+        outcomes = []
+        for _ in range(rows):
+            accepted = 0
+            while plan.speculate and accepted < plan.depth and float(torch.rand((), generator=gen)) < accept_rate:
+                accepted += 1
+            depth = plan.depth if plan.speculate else 0
+            outcomes.append((size, depth, accepted, sum(accept_rate**d for d in range(1, depth + 1))))
+        verify_seconds = 0.040 + 0.004 * max(0, rows * size - 8)
+        controller.update_batch(plan, rows * size, outcomes, 0.001 * plan.depth * rows, verify_seconds)
+    return plans
+
+
+def test_the_controller_shrinks_trees_as_the_batch_grows_and_falls_back():
+    one, four, many = (simulate_batch(rows)[-8:] for rows in (1, 4, 32))
+    budget = {name: max(p.budget for p in plans if p.speculate) for name, plans in (("1", one), ("4", four))}
+    assert all(p.speculate for p in one) and budget["4"] < budget["1"]
+    assert not any(p.speculate for p in many)  # 32 rows: every extra token costs a tenth of a step: plain steps
+    with pytest.raises(ValueError, match="at least one row"):
+        Controller().plan(rows=0)
