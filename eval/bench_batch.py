@@ -8,7 +8,7 @@ to `target.generate`'s (fp32 is exact; bf16 can flip near-ties). Method `plain` 
 plain batched step through specdec's loop, which measures the loop's overhead over `target.generate`.
 
 Run: .venv/bin/python -m eval.bench_batch [--batch-sizes 1 4 8 16] [--prompts-per-batch ...] [--methods plain
-     ngram draft composite] [--dtype bf16|fp32] [--max-new-tokens 64] [--target smollm2-135m-instruct|tiny]
+     ngram draft composite] [--dtype fp32|bf16] [--max-new-tokens 64] [--target smollm2-135m-instruct|tiny]
      [--out outputs/bench_batch.json]
 """
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--methods", nargs="+", default=["plain", "ngram", "draft", "composite"])
-    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--dtype", default="fp32")  # bf16 is slower with the quantized GGUF kernels (float32 math)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--target", default=BUILTIN_TARGET, help=f"{BUILTIN_TARGET} or tiny (a random 2-layer Llama)")

@@ -283,8 +283,9 @@ class Controller:
             return Plan(False, 0, 0, self.threshold, streak)
         if rows.bit_length() not in self.costs.classes:  # a plain step first: what speculation competes with
             return Plan(False, 0, 0, self.threshold, streak)
-        if len(self.costs.classes) < 2:  # no tree measured yet: the drafter's own settings, capped
-            return Plan(True, cfg.max_depth, cfg.max_budget, self.threshold, streak)
+        if len(self.costs.classes) < 2:  # no tree measured yet: the drafter's own settings, capped (in a batch, so
+            # that all rows together draft at most `max_budget` nodes: a first probe of rows x 33 tokens is dear)
+            return Plan(True, cfg.max_depth, max(cfg.max_budget // rows, cfg.min_budget), self.threshold, streak)
         depth = self.best_depth()
         budget = self._budget(depth)
         if self.speculative_steps % 4 == 3:  # cost probing: a smaller tree now and then, so the slope b is measurable
