@@ -1,7 +1,7 @@
 """Throughput of batched speculative decoding vs `target.generate` on the same left-padded batches (#27).
 
 For each batch size B, the first B prompts (chat template, left padding) are decoded greedily by
-`target.generate` and by `SpeculativeGenerator` with each method, one after the other, `--repeats` times; the
+`target.generate` and by `SpeculativeGenerator` with each method, taking turns, `--repeats` times (median); the
 figure is new tokens per second over the batch (each row's tokens up to and including its EOS, not the padding
 after it), with the speedup over `target.generate` measured in the same run, and the share of rows identical
 to `target.generate`'s (fp32 is exact; bf16 can flip near-ties). Method `plain` drafts nothing: every step is a
@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -93,14 +94,16 @@ def tiny_target(dtype: torch.dtype):
     return target, tokenizer
 
 
-def timed(repeats: int, fn, *args, **kwargs):
-    """`fn(*args, **kwargs)`'s result and its median time over `repeats` calls."""
-    times, out = [], None
+def interleaved(runs: dict, repeats: int) -> tuple[dict, dict[str, float]]:
+    """Each run's last result and median seconds, the runs taking turns (so that a machine whose load changes
+    slows them all alike)."""
+    outs, times = {}, {name: [] for name in runs}
     for _ in range(repeats):
-        tic = time.perf_counter()
-        out = fn(*args, **kwargs)
-        times.append(time.perf_counter() - tic)
-    return out, statistics.median(times)
+        for name, fn in runs.items():
+            tic = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - tic)
+    return outs, {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["plain", "ngram", "draft", "composite"])
     parser.add_argument("--dtype", default="fp32")  # bf16 is slower with the quantized GGUF kernels (float32 math)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--target", default=BUILTIN_TARGET, help=f"{BUILTIN_TARGET} or tiny (a random 2-layer Llama)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_batch.json"))
     args = parser.parse_args(argv)
@@ -131,16 +134,17 @@ def main(argv: list[str] | None = None) -> None:
 
     results = []
     for size, (ids, mask) in data.items():
-        plain, plain_s = timed(args.repeats, target.generate, ids, attention_mask=mask, **settings)
-        expected = new_tokens(plain, ids.shape[1], eos)
-        base_rate = sum(map(len, expected)) / plain_s
-        row = {"batch_size": size, "target_generate_tokens_per_s": base_rate, "methods": {}}
+        runs = {"target.generate": partial(target.generate, ids, attention_mask=mask, **settings)}
         for method, gen in gens.items():
-            out, seconds = timed(
-                args.repeats, gen.generate, ids, attention_mask=mask, return_dict_in_generate=True, **settings
-            )
+            runs[method] = partial(gen.generate, ids, attention_mask=mask, return_dict_in_generate=True, **settings)
+        outs, seconds = interleaved(runs, args.repeats)
+        expected = new_tokens(outs["target.generate"], ids.shape[1], eos)
+        base_rate = sum(map(len, expected)) / seconds["target.generate"]
+        row = {"batch_size": size, "target_generate_tokens_per_s": base_rate, "methods": {}}
+        for method in gens:
+            out = outs[method]
             got = new_tokens(out.sequences, ids.shape[1], eos)
-            rate = sum(map(len, got)) / seconds
+            rate = sum(map(len, got)) / seconds[method]
             row["methods"][method] = {
                 "tokens_per_s": rate,
                 "speedup": rate / base_rate,
