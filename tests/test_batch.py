@@ -303,3 +303,18 @@ def test_the_controller_shrinks_trees_as_the_batch_grows_and_falls_back():
     assert not any(p.speculate for p in many)  # 32 rows: every extra token costs a tenth of a step: plain steps
     with pytest.raises(ValueError, match="at least one row"):
         Controller().plan(rows=0)
+
+
+def test_compaction_in_every_step_keeps_every_row_exact(models, monkeypatch):
+    """The loop compacts when holes waste half the cache; forced at every step, the output must not change."""
+    target, small = models["llama"]
+    rows = prompts(8, lengths=(34, 5, 20))
+    eos = an_eos(target, rows)
+    expected = expected_batch(target, rows, eos)
+    calls = []
+    compact = kv.RowCache.compact
+    monkeypatch.setattr(kv.RowCache, "waste", lambda self: 1.0)
+    monkeypatch.setattr(kv.RowCache, "compact", lambda self: calls.append(self.slots) or compact(self))
+    for drafter in (ModelDrafter(small, depth=3, branching=2), NGramDrafter()):
+        assert torch.equal(run(target, drafter, rows, eos, controller=None).sequences, expected)
+    assert len(calls) > 4
