@@ -197,6 +197,7 @@ class Controller:
         self.speculative_steps = 0
         self.plain_left = 0  # plain steps before the next probe
         self.backoff = cfg.probe_after
+        self.rows = 1  # rows of the batch being planned for
 
     def start(self) -> None:
         """A new generation: no streak, and speculation probed again within `probe_after` plain steps (a new
@@ -237,35 +238,43 @@ class Controller:
         return curve
 
     def expected_rate(self, depth: int) -> float:
-        """Expected tokens per second of a step drafting `depth` levels (depth 0: plain decoding). A tree of `n`
-        draft nodes reaches depth `n` at most: when the node budget is below `depth`, only the depths the budget
-        can reach count."""
+        """Expected tokens per second of a step drafting `depth` levels (depth 0: plain decoding), for the
+        batch of `rows` rows being planned for: every row drafts (one after the other) and gains tokens. A tree of
+        `n` draft nodes reaches depth `n` at most: when the node budget is below `depth`, only the depths the
+        budget can reach count."""
         size = 1 + min(math.ceil(depth * self.width), self._budget(depth)) if depth else 1
-        tokens = 1.0 + self._gains[self.streak][min(depth, size - 1)]
-        seconds = (self.costs.draft_per_level or 0.0) * depth + self._verify_times()[size - 1]
+        tokens = self.rows * (1.0 + self._gains[self.streak][min(depth, size - 1)])
+        seconds = (self.costs.draft_per_level or 0.0) * depth * self.rows + self._verify_times()[size - 1]
         return tokens / max(seconds, 1e-9)
 
     def _verify_times(self) -> list[float]:
-        """`costs.verify_time(n)` for n = 1 .. max_budget + 1 (every size a plan can ask for), computed once per
-        update: each plan weighs every depth, and each depth every budget."""
+        """`costs.verify_time(rows * n)` for n = 1 .. max_budget + 1 (every tree size a plan can ask for: a step
+        scores `rows` trees of that size), computed once per update: each plan weighs every depth, and each depth
+        every budget."""
         if self._verify is None:
-            self._verify = self.costs.verify_times(self.config.max_budget + 1, self._line)
+            rows = self.rows
+            times = self.costs.verify_times(rows * (self.config.max_budget + 1), self._line)
+            self._verify = times[rows - 1 :: rows]
             plain = self._verify[0]
             self._floor = list(itertools.accumulate((t - plain for t in reversed(self._verify)), min))[::-1]
         return self._verify
 
     def plain_step_time(self) -> float | None:
-        """Seconds of one plain target step by the cost model (None before any measurement)."""
-        return self.costs.verify_time(1, self._line) if self.costs.samples else None
+        """Seconds of one plain target step by the cost model, per row of the batch planned for (None before any
+        measurement): what one row's accepted draft token saves."""
+        if not self.costs.samples:
+            return None
+        return self.costs.verify_time(self.rows, self._line) / self.rows
 
     def pays(self, tree_size: int, expected_gain: float) -> bool:
-        """Whether verifying a tree of `tree_size` nodes (root included) instead of a plain step is expected to
-        gain time: the tokens it promises (`expected_gain`, scaled by the measured calibration) save more plain
-        steps than its extra nodes cost."""
+        """Whether verifying trees of `tree_size` nodes (root included; in a batch, the largest tree, to which
+        every row is padded) instead of a plain step is expected to gain time: the tokens they promise
+        (`expected_gain`, all rows together, scaled by the measured calibration) save more plain steps than
+        their extra nodes cost."""
         plain = self.plain_step_time()
         if tree_size <= 1 or plain is None:
             return False
-        extra = self.costs.verify_time(tree_size, self._line) - plain
+        extra = self.costs.verify_time(self.rows * tree_size, self._line) - plain * self.rows
         return expected_gain * self.calibration * plain > extra
 
     def best_depth(self) -> int:
@@ -275,22 +284,34 @@ class Controller:
 
     # ---------------------------------------------------------------- decisions
 
-    def plan(self) -> Plan:
+    def plan(self, rows: int = 1) -> Plan:
+        """The next step's plan, for a batch of `rows` rows: one verification scores `rows` trees (each padded
+        to the largest), so its cost is read at `rows` times the tree size, and trees shrink as the batch grows.
+        """
         cfg = self.config
+        self._set_rows(rows)
         streak = bool(self.streak)
         if self.plain_left > 0:
             self.plain_left -= 1
             return Plan(False, 0, 0, self.threshold, streak)
-        if 1 not in self.costs.classes:  # a plain step first: what every speculative step competes with
+        if rows.bit_length() not in self.costs.classes:  # a plain step first: what speculation competes with
             return Plan(False, 0, 0, self.threshold, streak)
-        if len(self.costs.classes) < 2:  # no tree measured yet: the drafter's own settings, capped
-            return Plan(True, cfg.max_depth, cfg.max_budget, self.threshold, streak)
+        if len(self.costs.classes) < 2:  # no tree measured yet: the drafter's own settings, capped (in a batch, so
+            # that all rows together draft at most `max_budget` nodes: a first probe of rows x 33 tokens is dear)
+            return Plan(True, cfg.max_depth, max(cfg.max_budget // rows, cfg.min_budget), self.threshold, streak)
         depth = self.best_depth()
         budget = self._budget(depth)
         if self.speculative_steps % 4 == 3:  # cost probing: a smaller tree now and then, so the slope b is measurable
             budget = max(min(budget, math.ceil(depth * self.width)) // 2, 1)
         # one level beyond the optimum keeps the next depth measured; the threshold still cuts weak branches
         return Plan(True, min(depth + 1, cfg.max_depth), budget, self.threshold, streak)
+
+    def _set_rows(self, rows: int) -> None:
+        if rows < 1:
+            raise ValueError(f"a plan is for at least one row, got {rows}")
+        if rows != self.rows:  # the tables below are for a batch of `self.rows`
+            self.rows, self._budgets, self._best, self._verify = rows, {}, None, None
+            self._verify_times()
 
     def _budget(self, depth: int) -> int:
         """Widest tree whose extra verify cost stays under half the time its expected tokens save."""
@@ -323,7 +344,7 @@ class Controller:
         draft_seconds: float,
         verify_seconds: float,
     ) -> None:
-        """Record one verification step.
+        """Record one verification step of a single row.
 
         Args:
             plan: the plan the step followed.
@@ -334,33 +355,55 @@ class Controller:
                 cache compaction, the drafter's commit), which grows with the tree as the forward does.
                 Within `specdec.distributed.lockstep` both are rank 0's, so that every rank plans the same.
         """
+        self.update_batch(plan, tree_size, [(tree_size, tree_depth, accepted, promised)], draft_seconds, verify_seconds)
+
+    def update_batch(
+        self,
+        plan: Plan,
+        slots: int,
+        rows: list[tuple[int, int, int, float]],
+        draft_seconds: float,
+        verify_seconds: float,
+    ) -> None:
+        """Record one verification step of a batch (`update` is the one-row case).
+
+        Args:
+            plan: the plan the step followed.
+            slots: tokens the verification forward scored (rows x the largest tree, root included).
+            rows: per row, `(tree_size, tree_depth, accepted, promised)` as in `update`.
+            draft_seconds: every row's drafting time together; verify_seconds: the rest of the step.
+        """
         draft_seconds, verify_seconds = distributed.rank_zero(draft_seconds, verify_seconds)
         cfg, ema = self.config, self.config.ema
         self._budgets, self._best, self._verify = {}, None, None  # the measurements below change them
-        self.costs.add_verify(tree_size, verify_seconds)
+        self.costs.add_verify(slots, verify_seconds)
         self._line = self.costs.verify_line()
         self._verify_times()  # now rather than at the next plan: the controller's size stays the same between steps
-        if promised > 0:  # speculative and opportunistic steps alike: how far the trees' scores can be trusted
+        scored = [(accepted, promised) for _, _, accepted, promised in rows if promised > 0]
+        if scored:  # speculative and opportunistic steps alike: how far the trees' scores can be trusted
             s = self.streak
-            self.accepted_sum[s] = cfg.discount * self.accepted_sum[s] + accepted
-            self.promised_sum[s] = cfg.discount * self.promised_sum[s] + promised
+            self.accepted_sum[s] = cfg.discount * self.accepted_sum[s] + sum(a for a, _ in scored)
+            self.promised_sum[s] = cfg.discount * self.promised_sum[s] + sum(p for _, p in scored)
         if not plan.speculate:
             self.streak = 0
             return
-        self.costs.add_draft(tree_depth, draft_seconds)
+        self.costs.add_draft(max(depth for _, depth, _, _ in rows), draft_seconds / len(rows))
         self.speculative_steps += 1
         hits, trials = self.hits[self.streak], self.trials[self.streak]  # the state the plan was made in
         for d in range(1, cfg.max_depth + 1):
             hits[d] *= cfg.discount
             trials[d] *= cfg.discount
-            if d <= tree_depth:
-                hits[d] += accepted >= d
-                trials[d] += 1
+            for _, tree_depth, accepted, _ in rows:
+                if d <= tree_depth:
+                    hits[d] += accepted >= d
+                    trials[d] += 1
         self._curves[self.streak] = self._acceptance_curve(self.streak)
         self._gains[self.streak] = _prefix_sums(self._curves[self.streak])
-        self.streak = int(tree_depth > 0 and accepted >= tree_depth)
-        if tree_depth > 0:
-            self.width = (1 - ema) * self.width + ema * (tree_size - 1) / tree_depth
+        full = sum(tree_depth > 0 and accepted >= tree_depth for _, tree_depth, accepted, _ in rows)
+        self.streak = int(2 * full > len(rows))  # most rows accepted their tree's deepest level
+        drafted = [(size - 1) / depth for size, depth, _, _ in rows if depth > 0]
+        if drafted:
+            self.width = (1 - ema) * self.width + ema * sum(drafted) / len(drafted)
         self._update_threshold()
         self._decide_fallback()
 

@@ -71,3 +71,86 @@ def keep_path(cache: DynamicCache, prefix_len: int, nodes: Sequence[int]) -> Non
             layer.keys[..., prefix_len:end, :] = layer.keys.index_select(-2, index)
             layer.values[..., prefix_len:end, :] = layer.values.index_select(-2, index)
     crop(cache, end)
+
+
+class RowCache:
+    """A target cache for a batch of rows that advance by different amounts: which cache slot holds which
+    row's tokens.
+
+    Slot `j` of row `r` holds one of that row's tokens where `visible[r, j]`; elsewhere it is a hole (left
+    padding, or a slot that another row filled in the same step), which attention must not see. Rows are
+    kept in one rectangular `[A, H, S, D]` cache, so after a step that accepted `k_r + 1` entries in row `r`
+    the cache grows by `max_r (k_r + 1)` slots and row `r` has `max - k_r - 1` holes. `compact` removes the
+    holes that every row has and moves each row's entries to the right (the most holes any row then has is
+    the difference between the longest and the shortest row); `generate` calls it when holes waste more
+    than half of the cache, so the cache never holds more than about twice the longest row's entries.
+
+    Attributes:
+        cache: the model's cache, `A` rows.
+        visible: `[A, S]` bool, on the CPU: the slots that hold the row's tokens, in order.
+    """
+
+    def __init__(self, cache: DynamicCache, visible: torch.Tensor):
+        if visible.shape[1] != length(cache):
+            raise ValueError(f"{visible.shape[1]} visibility columns for a cache of {length(cache)} slots")
+        self.cache, self.visible = cache, visible
+
+    @property
+    def slots(self) -> int:
+        return self.visible.shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """`[A]` tokens each row holds: the position of its next token."""
+        return self.visible.sum(1)
+
+    def keep_paths(self, paths: Sequence[Sequence[int]]) -> None:
+        """After a step that fed `N` tree slots per row after `slots` cache slots, keep row `r`'s entries of
+        `paths[r]` (ascending node indices, the root first) in its first `len(paths[r])` new slots; the
+        rest of the row's new slots become holes."""
+        prefix, longest = self.slots, max(len(p) for p in paths)
+        if any(list(p) != list(range(len(p))) for p in paths):  # some row accepted a side branch: gather
+            index = torch.zeros(len(paths), longest, dtype=torch.long)  # [A, M]: the padding reads slot 0
+            for row, path in enumerate(paths):
+                index[row, : len(path)] = torch.as_tensor(path)
+            for layer in self.cache.layers:
+                if layer.is_initialized and layer.keys.numel() > 0:
+                    a, h, _, d = layer.keys.shape
+                    at = index.to(layer.keys.device)[:, None, :, None].expand(a, h, longest, d)
+                    new_keys = layer.keys[..., prefix:, :].gather(-2, at)
+                    new_values = layer.values[..., prefix:, :].gather(-2, at)
+                    layer.keys[..., prefix : prefix + longest, :] = new_keys
+                    layer.values[..., prefix : prefix + longest, :] = new_values
+        crop(self.cache, prefix + longest)
+        kept = torch.arange(longest)[None, :] < torch.tensor([len(p) for p in paths])[:, None]  # [A, M]
+        self.visible = torch.cat([self.visible, kept], 1)
+
+    def select_rows(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (batch indices, in that order): finished rows leave the batch."""
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        for layer in self.cache.layers:
+            if layer.is_initialized and layer.keys.numel() > 0:
+                at = index.to(layer.keys.device)
+                layer.keys, layer.values = layer.keys.index_select(0, at), layer.values.index_select(0, at)
+        self.visible = self.visible[index]
+
+    def waste(self) -> float:
+        """The share of slots that are holes in the longest row (0: rows as dense as a rectangle allows)."""
+        return 1.0 - float(self.lengths.max()) / max(self.slots, 1)
+
+    def compact(self) -> None:
+        """Move every row's entries to the end of the cache, in order: `[A, max_r length_r]` slots after."""
+        lengths = self.lengths
+        longest = int(lengths.max())
+        index = torch.zeros(len(lengths), longest, dtype=torch.long)  # [A, S']: holes read slot 0
+        visible = torch.zeros(len(lengths), longest, dtype=torch.bool)
+        for row in range(len(lengths)):
+            slots = self.visible[row].nonzero().flatten()
+            index[row, longest - len(slots) :] = slots
+            visible[row, longest - len(slots) :] = True
+        for layer in self.cache.layers:
+            if layer.is_initialized and layer.keys.numel() > 0:
+                a, h, _, d = layer.keys.shape
+                at = index.to(layer.keys.device)[:, None, :, None].expand(a, h, longest, d)
+                layer.keys, layer.values = layer.keys.gather(-2, at), layer.values.gather(-2, at)
+        self.visible = visible

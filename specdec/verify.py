@@ -219,3 +219,96 @@ def prefill(
             **_last_logits_only(model),  # the prompt's logits are not needed
         )
     return cache, hidden[-1][0, -1] if output_hidden_states else None
+
+
+def batch_prefill_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of a batched prefill: each slot sees the row's tokens up to itself (and a padding
+    slot itself, so that no attention row is empty).
+
+    Args:
+        visible: `[B, L]` bool, the slots that hold tokens (False: left padding).
+
+    Returns:
+        `[B, 1, L, L]` float: 0 where visible, `finfo(dtype).min` where not.
+    """
+    length = visible.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    seen = (causal[None] & visible[:, None, :]) | torch.eye(length, dtype=torch.bool)[None]  # [B, L, L]
+    mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def batch_tree_mask(trees: Sequence[TokenTree], visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask for one tree per row, padded to `N = max len(tree)` nodes, after a `RowCache`.
+
+    Row `r`'s node sees the row's cached tokens (`visible[r]`) and, of its tree, its ancestors and itself;
+    padding nodes see only themselves, and nothing sees them.
+
+    Args:
+        trees: `A` trees; visible: `[A, S]` bool.
+
+    Returns:
+        `[A, 1, N, S + N]` float: 0 where visible, `finfo(dtype).min` where not.
+    """
+    rows, slots = visible.shape
+    if len(trees) != rows:
+        raise ValueError(f"{len(trees)} trees for a batch of {rows} rows")
+    width = max(len(t) for t in trees)
+    seen = torch.zeros(rows, width, slots + width, dtype=torch.bool)
+    seen[:, :, :slots] = visible[:, None, :]
+    seen[:, :, slots:] = torch.eye(width, dtype=torch.bool)
+    for row, tree in enumerate(trees):
+        seen[row, : len(tree), slots : slots + len(tree)] = tree.ancestor_mask
+    mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def prefill_batch(
+    model: PreTrainedModel, input_ids: torch.Tensor, visible: torch.Tensor, output_hidden_states: bool = False
+) -> tuple[kv.RowCache, torch.Tensor | None]:
+    """A `RowCache` holding the left-padded `input_ids` (`[B, L]`, `visible` `[B, L]` False on padding), and
+    when asked for, the final hidden states `[B, H]` at the last slot (what the LM head turns into each row's
+    next token; rows whose last slot is padding get a meaningless state). Position ids count each row's own
+    tokens from 0, as `target.generate` numbers a left-padded batch."""
+    cache = kv.new_cache(model)
+    if input_ids.shape[-1] == 0:
+        return kv.RowCache(cache, visible), None
+    device = input_device(model)
+    positions = (visible.long().cumsum(1) - 1).clamp(min=0)  # [B, L]
+    with final_hidden_states(model) as hidden:
+        model(
+            input_ids=input_ids.to(device),
+            attention_mask=batch_prefill_mask(visible, compute_dtype(model)).to(device),
+            position_ids=positions.to(device),
+            cache=cache,
+            use_cache=True,
+            **_last_logits_only(model),
+        )
+    return kv.RowCache(cache, visible), hidden[-1][:, -1] if output_hidden_states else None
+
+
+def forward_batch(model: PreTrainedModel, rows: kv.RowCache, trees: Sequence[TokenTree]):
+    """Score one tree per row in one forward, appending `N = max len(tree)` slots per row to `rows.cache`.
+
+    Row `r`'s nodes get position ids `rows.lengths[r] + depth`; shorter trees are padded with copies of
+    their root, which nothing sees.
+
+    Returns:
+        The model output; `logits` is `[A, N, V]`, `logits[r, i]` predicting the child of node `i` of
+        `trees[r]` (rows `i >= len(trees[r])` are padding).
+    """
+    device = input_device(model)
+    width = max(len(t) for t in trees)
+    tokens = torch.stack([t.tokens[:1].expand(width).clone() for t in trees])  # [A, N]
+    depths = torch.zeros(len(trees), width, dtype=torch.long)  # [A, N]
+    for row, tree in enumerate(trees):
+        tokens[row, : len(tree)] = tree.tokens
+        depths[row, : len(tree)] = tree.depth
+    positions = rows.lengths[:, None] + depths  # [A, N]
+    return model(
+        input_ids=tokens.to(device),
+        attention_mask=batch_tree_mask(trees, rows.visible, compute_dtype(model)).to(device),
+        position_ids=positions.to(device),
+        cache=rows.cache,
+        use_cache=True,
+    )

@@ -189,7 +189,11 @@ def test_flash_or_flex_attention_target_is_refused():
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        (dict(inputs=torch.randint(3, VOCAB, (2, 5))), NotImplementedError, "batch size 2"),
+        (
+            dict(inputs=torch.randint(3, VOCAB, (2, 5)), return_dict_in_generate=True, output_logits=True),
+            NotImplementedError,
+            "output_logits are not supported for batches",
+        ),
         (dict(inputs=torch.zeros(1, 0, dtype=torch.long)), ValueError, "empty prompt"),
         (dict(inputs=torch.tensor([[5, 6]]), repetition_penalty=1.3), NotImplementedError, "repetition_penalty"),
         (dict(inputs=torch.tensor([[5, 6]]), num_beams=4), NotImplementedError, "num_beams"),

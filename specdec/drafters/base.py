@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -83,6 +84,13 @@ class Drafter(ABC):
     hidden_layers: tuple[int, ...] = ()
     free: bool = False
     catchup_time: float = 0.0
+
+    def fork(self) -> Drafter:
+        """A drafter for one more row of a batch: it shares what does not change during a generation (models,
+        heads, a cross-request memory, learnt calibrations) and has its own per-generation state, which
+        `start` sets up. The default is a shallow copy: right for sources whose `start` replaces every
+        attribute that one generation changes in place (caches, indices, buffers). Override it otherwise."""
+        return copy.copy(self)
 
     def start(self, target: PreTrainedModel) -> None:
         """Called once before each generation: check compatibility with `target`, reset state.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -101,6 +102,14 @@ class Composite(Drafter):
     @property
     def catchup_time(self) -> float:
         return sum(self.drafters[index].catchup_time for index, _ in self._asked)
+
+    def fork(self) -> Composite:
+        """Each source forked; the accounts start from this one's (each row keeps its own from then on)."""
+        twin = copy.copy(self)
+        twin.drafters = [drafter.fork() for drafter in self.drafters]
+        twin.ledgers = [replace(ledger) for ledger in self.ledgers]
+        twin._asked = []
+        return twin
 
     def start(self, target) -> None:
         for drafter in self.drafters:
