@@ -115,7 +115,7 @@ def decode(
             depth = min(room - 1, parts.controller.config.max_depth)
             state = replace(state, max_depth=depth, budget=None, free_only=True)
         tic = verify.wall_time(parts.target)
-        tree = parts.drafter.propose(state).truncate(state.max_depth)
+        tree = parts.drafter.propose(state).truncate(state.max_depth).limit(state.budget)  # within the plan
         if state.free_only and not parts.controller.pays(len(tree), tree.expected_gain):
             tree = tree.truncate(0)  # a fallback step: the free draft does not pay, take a plain step
         if int(tree.tokens[0]) != state.root:
@@ -378,7 +378,7 @@ def _propose_rows(parts: Parts, active: list[_Row], plan: Plan | None, generator
     trees, catchup = [], 0.0
     for row, state in zip(active, states, strict=True):
         tic = verify.wall_time(parts.target)
-        tree = row.drafter.propose(state).truncate(state.max_depth)
+        tree = row.drafter.propose(state).truncate(state.max_depth).limit(state.budget)  # within the plan
         if int(tree.tokens[0]) != state.root:
             raise RuntimeError(f"{type(row.drafter).__name__} proposed a tree not rooted at the last token")
         row.stats.draft_time += verify.wall_time(parts.target) - tic

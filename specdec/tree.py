@@ -259,6 +259,26 @@ class TokenTree:
         draft_probs = None if self.draft_probs is None else self.draft_probs[kept]
         return TokenTree(self.tokens[kept], new_parents, scores, sampled, draft_probs)
 
+    def limit(self, budget: int | None) -> TokenTree:
+        """At most `budget` draft nodes (the root not counted; None: no limit). Scored deterministic trees keep
+        their best nodes by path score (a node only with its parent); sampled or unscored trees keep their first
+        nodes in index order, so that sampled siblings stay a prefix."""
+        if budget is None or len(self) - 1 <= budget:
+            return self
+        keep = torch.zeros(len(self), dtype=torch.bool)
+        if self.scores is None or self.is_sampled:
+            keep[: budget + 1] = True
+            return self.select(keep)
+        keep[0] = True
+        parents, scores, kept = self.parents.tolist(), self.scores.tolist(), 0
+        for node in sorted(range(1, len(self)), key=lambda i: (-scores[i], i)):
+            if kept == budget:
+                break
+            if keep[parents[node]]:
+                keep[node] = True
+                kept += 1
+        return self.select(keep)
+
     def truncate(self, max_depth: int) -> TokenTree:
         """Drop the nodes deeper than `max_depth` (0 leaves only the root)."""
         if self.max_depth <= max_depth:

@@ -250,3 +250,23 @@ def test_a_draft_that_ignores_its_budget_and_is_never_accepted_is_soon_left_alon
     speculative = [p["speculate"] for p in c.history]
     assert sum(speculative[50:]) <= 4  # probes only, backing off
     assert all(c.expected_rate(d) < c.expected_rate(0) for d in range(1, c.config.max_depth + 1))
+
+
+class _Budget1(_Controller):
+    """Always plans a deep tree of at most one draft node."""
+
+    def plan(self) -> Plan:
+        return Plan(True, 4, 1, 1e-9)
+
+
+def test_the_loop_keeps_any_drafters_tree_within_the_plans_budget():
+    from eval.stress import Useless  # a source that drafts 4-token chains whatever the budget
+
+    target = tiny_model("llama")
+    x = torch.tensor([[5, 6, 7, 8]])
+    expected = target.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    out = specdec.SpeculativeGenerator(target, Useless(VOCAB), _Budget1()).generate(
+        x, max_new_tokens=12, eos_token_id=None, return_dict_in_generate=True
+    )
+    assert out.sequences.tolist() == expected.tolist()
+    assert max(out.spec_stats.tree_sizes) == 2

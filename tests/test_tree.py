@@ -100,3 +100,29 @@ def test_random_tree_properties(seed):
     sub = tree.truncate(cut)
     assert len(sub) == int((tree.depth <= cut).sum())
     assert sub.depth.tolist() == tree.depth[tree.depth <= cut].tolist()
+
+
+def test_limit_keeps_the_best_scored_nodes_with_their_parents():
+    # root, a (-0.1), a's child (-0.3), b (-0.2), b's child (-0.25), a's second child (-2.0)
+    tree = TokenTree(
+        torch.tensor([0, 1, 2, 3, 4, 5]),
+        torch.tensor([-1, 0, 1, 0, 3, 1]),
+        scores=torch.tensor([0.0, -0.1, -0.3, -0.2, -0.25, -2.0]),
+    )
+    assert tree.limit(None) is tree and tree.limit(5) is tree
+    assert tree.limit(3).tokens.tolist() == [0, 1, 3, 4]
+    assert tree.limit(1).tokens.tolist() == [0, 1]
+    assert tree.limit(0).tokens.tolist() == [0]
+
+
+def test_limit_keeps_a_prefix_of_sampled_or_unscored_trees():
+    unscored = TokenTree(torch.tensor([0, 1, 2, 3]), torch.tensor([-1, 0, 0, 1]))
+    assert unscored.limit(2).tokens.tolist() == [0, 1, 2]
+    sampled = TokenTree(
+        torch.tensor([0, 1, 2, 3]),
+        torch.tensor([-1, 0, 0, 0]),
+        scores=torch.tensor([0.0, -3.0, -0.1, -0.2]),  # later siblings score higher: drawn without replacement
+        sampled=torch.tensor([False, True, True, True]),
+        draft_probs=torch.full((4, 8), 1 / 8),
+    )
+    assert sampled.limit(2).tokens.tolist() == [0, 1, 2]
