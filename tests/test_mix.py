@@ -149,3 +149,40 @@ def test_mix_table_counts_answers_and_tokens_per_task():
         "| old.jsonl | 1 | 3 | 0 |",
         "| all | 3 | 6 | 1 |",
     ]
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_mix_rows_hold_every_kind_and_hold_out_across_them(tmp_path, tokenizer, fake_answers):
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "data_dir": str(SHARED),
+            "data_cache": str(tmp_path),
+            "data": {
+                "sources": {"gsm8k_train.jsonl": 4},
+                "t0": {"summarization": 2, "context_qa": 2},
+                "dialogs": 3,
+                "dialog_turns": 2,
+                "translation": 3,
+                "self_prompts": 0,
+                "heldout": 4,
+                "max_prompt_tokens": 1024,
+                "max_new_tokens": 8,
+                "gen_batch_size": 4,
+                "max_generated_batches": None,
+                "limit": None,
+            },
+        }
+    )
+    rows = mix.mix_rows(cfg, None, tokenizer, tmp_path)
+    tasks = [r["task"] for r in rows]
+    assert {t: tasks.count(t) for t in set(tasks)} == {
+        "math": 4,
+        "summarization": 2,
+        "context_qa": 2,
+        "multi-turn chat": 6,
+        "translation": 3,
+    }  # fmt: skip  (the fake German, "answer N", is too short to be sent back)
+    held = [r for r in rows if r["heldout"]]
+    assert {r["task"] for r in held} >= {"multi-turn chat", "translation"} and 4 <= len(held) <= 8
+    assert mix.mix_rows(cfg, None, tokenizer, tmp_path) == rows  # read back from the shards

@@ -46,14 +46,13 @@ def mix_rows(cfg: DictConfig, target, tokenizer, shard_dir: Path) -> list[dict]:
     dialogs = dialog_turns(cfg)
     sentences = english_sentences(cfg)
     total = max(len(prompts) + len(dialogs) + len(sentences), 1)
-    share = {
-        kind: math.ceil(cfg.data.heldout * n / total) for kind, n in [("dialogs", len(dialogs)), ("tr", len(sentences))]
-    }
+    held_dialogs = math.ceil(cfg.data.heldout * len(dialogs) / total)
+    held_sentences = math.ceil(cfg.data.heldout * len(sentences) / total)
     for i, p in enumerate(prompts):
-        p["heldout"] = i < cfg.data.heldout - share["dialogs"] - share["tr"]
+        p["heldout"] = i < cfg.data.heldout - held_dialogs - held_sentences
     rows = generate_answers(cfg, target, tokenizer, prompts, shard_dir / "answers")
-    rows += conversations(cfg, target, tokenizer, dialogs, share["dialogs"], shard_dir)
-    rows += translations(cfg, target, tokenizer, sentences, share["tr"], shard_dir)
+    rows += conversations(cfg, target, tokenizer, dialogs, held_dialogs, shard_dir)
+    rows += translations(cfg, target, tokenizer, sentences, held_sentences, shard_dir)
     return rows
 
 
