@@ -51,7 +51,8 @@ def test_the_mix_covers_every_dev_category():
 def test_no_prompt_of_the_mix_holds_a_dev_question():
     cfg = app_config("train_medusa", ["data.self_prompts=0"])
     prompts = [p["text"] for p in data.collect_prompts(cfg)]
-    prompts += [t for turns in mix.dialog_turns(cfg) for t in turns] + mix.english_sentences(cfg)
+    dialogs = mix.dialog_turns(cfg)
+    prompts += [t for turns in dialogs for t in turns] + mix.english_sentences(cfg, dialogs)
     assert len(prompts) > 2000
     dev = [t for q in map(json.loads, (SHARED / "dev_spec_bench_question.jsonl").open()) for t in q["turns"]]
     pieces = {" ".join(t.split()[5:25]) for t in dev if len(t.split()) >= 30}  # 20 words from inside long turns

@@ -27,7 +27,7 @@ from specdec.drafters import DecodeState, NGramDrafter, NGramMemory
 from specdec.drafters.composite import follow
 from specdec.models import load_model
 from training.data import reproduce_command, resolve_device
-from training.mix import mix_counts, mix_rows, mix_table
+from training.mix import mix_counts, mix_rows, mix_table, task_of
 
 
 def replay(drafter: NGramDrafter, target, rows: list[dict], depth: int) -> float:
@@ -77,7 +77,7 @@ def main(cfg: DictConfig) -> None:
     context_only, with_memory = tokens_per_step(heldout)
     by_task = {}
     for task in mix_counts(heldout):
-        pair = tokens_per_step([r for r in heldout if (r.get("task") or r["source"]) == task])
+        pair = tokens_per_step([r for r in heldout if task_of(r) == task])
         by_task[task] = dict(zip(("context_only", "with_memory"), (round(x, 3) for x in pair), strict=True))
 
     out = Path(cfg.output_dir)

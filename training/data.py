@@ -212,8 +212,8 @@ def generate_answers(cfg: DictConfig, target, tokenizer, prompts: list[dict], sh
         ids = chat_input_ids(tokenizer, messages)[0].tolist()
         if len(ids) <= cfg.data.max_prompt_tokens:
             extra = {k: p[k] for k in ("task", "conversation") if k in p}
-            rows.append({"prompt_ids": ids, "source": p["source"], "heldout": p.get("heldout", i < cfg.data.heldout)})
-            rows[-1].update(extra)
+            heldout = p.get("heldout", i < cfg.data.heldout)
+            rows.append({"prompt_ids": ids, "source": p["source"], "heldout": heldout, **extra})
     rows.sort(key=lambda r: len(r["prompt_ids"]))  # similar lengths batch with little padding
     batches = [rows[i : i + cfg.data.gen_batch_size] for i in range(0, len(rows), cfg.data.gen_batch_size)]
     batches = batches[: cfg.data.max_generated_batches]  # shortest prompts first; generation is the slow stage

@@ -44,7 +44,7 @@ def mix_rows(cfg: DictConfig, target, tokenizer, shard_dir: Path) -> list[dict]:
     """
     prompts = collect_prompts(cfg, target, tokenizer)
     dialogs = dialog_turns(cfg)
-    sentences = english_sentences(cfg)
+    sentences = english_sentences(cfg, dialogs)
     total = max(len(prompts) + len(dialogs) + len(sentences), 1)
     held_dialogs = math.ceil(cfg.data.heldout * len(dialogs) / total)
     held_sentences = math.ceil(cfg.data.heldout * len(sentences) / total)
@@ -75,15 +75,15 @@ def dialog_turns(cfg: DictConfig) -> list[list[str]]:
     return picked
 
 
-def english_sentences(cfg: DictConfig) -> list[str]:
-    """`data.translation` English sentences to translate: the assistant turns of dialogues that `dialog_turns`
-    does not use (6 to 40 words), seeded."""
+def english_sentences(cfg: DictConfig, dialogs: list[list[str]]) -> list[str]:
+    """`data.translation` English sentences to translate: assistant turns (6 to 40 words) that are none of
+    `dialogs`' user turns (`dialog_turns(cfg)`), seeded."""
     count = cfg.data.get("translation") or 0
     if not count:
         return []
     dialogs = _dialogs(cfg)
     random.Random(cfg.seed + 1).shuffle(dialogs)
-    used = {turn for turns in dialog_turns(cfg) for turn in turns}
+    used = {turn for turns in dialogs for turn in turns}
     seen, sentences = set(), []
     for d in dialogs:
         for t in d["turns"]:
@@ -148,11 +148,16 @@ def translations(cfg: DictConfig, target, tokenizer, sentences: list[str], heldo
     return rows + generate_answers(cfg, target, tokenizer, back, shard_dir / "translation_to_english")
 
 
+def task_of(row: dict) -> str:
+    """The task type a row is reported under: its `task`, else its source (rows made before the mix)."""
+    return row.get("task") or row["source"]
+
+
 def mix_counts(rows: list[dict]) -> dict[str, dict[str, int]]:
     """Per task type (largest first): answers, answer tokens and held-out answers of `rows`."""
     tasks: dict[str, dict[str, int]] = {}
     for r in rows:
-        entry = tasks.setdefault(r.get("task") or r["source"], {"answers": 0, "answer_tokens": 0, "heldout": 0})
+        entry = tasks.setdefault(task_of(r), {"answers": 0, "answer_tokens": 0, "heldout": 0})
         entry["answers"] += 1
         entry["answer_tokens"] += len(r["answer_ids"])
         entry["heldout"] += bool(r["heldout"])

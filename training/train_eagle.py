@@ -33,7 +33,7 @@ from heads.eagle import EagleHead, HeadCache, export_eagle3
 from specdec import verify
 from specdec.models import load_model
 from training.data import collate, make_batches, pad_id, reproduce_command, resolve_device, split_heldout
-from training.mix import mix_counts, mix_rows, mix_table
+from training.mix import mix_counts, mix_rows, mix_table, task_of
 from training.train_medusa import _loop, _optimizer, draft_vocab, frozen_copy
 
 # ---------------------------------------------------------------- the target's side
@@ -183,7 +183,7 @@ def acceptance(head: EagleHead, target, embed, rows: list[dict], steps: int, pad
         batch = rows[start : start + batch_size]
         for row, side in zip(batch, target_side(target, batch, head.config.layers, head.draft_ids, pad), strict=True):
             _, stats = unrolled_loss(head, embed, side, in_vocab, steps, 1.0)
-            for key in ("overall", row.get("task") or row["source"]):
+            for key in ("overall", task_of(row)):
                 entry = counts.setdefault(key, [[0, 0] for _ in range(steps)])
                 for k, (h, n) in enumerate(stats):
                     entry[k][0] += h
