@@ -103,24 +103,20 @@ class CostModel:
         between their mean sizes and times (verification cost grows about linearly between kernel changes, and the
         line, fitted mostly to plain steps, can miss a steep slope); beyond them, the line. Never less than a
         smaller class was measured to cost (bigger trees do not verify faster)."""
-        measured = self.classes.get(size.bit_length())
-        if measured is None:
-            return self._unmeasured(size, line, self._neighbours(size.bit_length()))
-        mean_size, seconds = measured
-        return max(seconds + line[1] * (size - mean_size), 1e-9)
+        return self._time(size, line)
 
     def verify_times(self, max_size: int, line: tuple[float, float]) -> list[float]:
         """`[verify_time(n, line) for n in 1 .. max_size]`, the measured classes around each size read once."""
         neighbours = {key: self._neighbours(key) for key in range(1, max_size.bit_length() + 1)}
-        times = []
-        for size in range(1, max_size + 1):
-            key = size.bit_length()
-            if key in self.classes:
-                mean_size, seconds = self.classes[key]
-                times.append(max(seconds + line[1] * (size - mean_size), 1e-9))
-            else:
-                times.append(self._unmeasured(size, line, neighbours[key]))
-        return times
+        return [self._time(size, line, neighbours[size.bit_length()]) for size in range(1, max_size + 1)]
+
+    def _time(self, size: int, line: tuple[float, float], neighbours: tuple | None = None) -> float:
+        """`verify_time`; `neighbours`: `_neighbours` of the size's class, when the caller has read them."""
+        measured = self.classes.get(size.bit_length())
+        if measured is None:
+            return self._unmeasured(size, line, neighbours or self._neighbours(size.bit_length()))
+        mean_size, seconds = measured
+        return max(seconds + line[1] * (size - mean_size), 1e-9)
 
     def _neighbours(self, key: int) -> tuple[tuple | None, tuple | None, float | None]:
         """The nearest measured classes below and above size class `key` (mean size, seconds), and the dearest
