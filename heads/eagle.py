@@ -318,6 +318,13 @@ class EagleHead(nn.Module):
         """`[V']` the target id of each draft id."""
         return torch.arange(len(self.d2t), device=self.d2t.device) + self.d2t
 
+    @property
+    def t2d(self) -> torch.Tensor:
+        """`[V]` bool: the target ids the head can propose (the EAGLE-3 layout's `t2d`)."""
+        mask = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.d2t.device)
+        mask[self.draft_ids] = True
+        return mask
+
     def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Draft ids -> target ids (`d + d2t[d]`)."""
         return draft_ids + self.d2t[draft_ids]
@@ -457,9 +464,7 @@ def export_eagle3(head: EagleHead, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / EAGLE3_CONFIG).write_text(json.dumps(values, indent=2) + "\n")
-    t2d = torch.zeros(config.vocab_size, dtype=torch.bool)
-    t2d[head.draft_ids.cpu()] = True
-    save_file({**_state(head), "t2d": t2d}, directory / EAGLE3_WEIGHTS)
+    save_file({**_state(head), "t2d": head.t2d.cpu()}, directory / EAGLE3_WEIGHTS)
     return directory
 
 

@@ -117,7 +117,7 @@ def unrolled_loss(
     step `k` weighted `decay**k`; and per step (top-1 hits, answer tokens): a hit is the head's top-1 draft token
     being the target's own token (answer tokens outside the draft vocabulary count as misses).
 
-    `row`: one of `target_side`'s; `in_vocab`: `[V]` bool, the target ids in the draft vocabulary."""
+    `row`: one of `target_side`'s; `in_vocab`: `[V]` bool, the target ids in the draft vocabulary (`head.t2d`)."""
     device = head.fc.weight.device
     tokens, answer = row["tokens"].to(device), row["answer"].to(device)
     outputs = unroll(head, embed(tokens), row["features"].to(device), steps)
@@ -136,13 +136,6 @@ def unrolled_loss(
     return loss, stats
 
 
-def in_vocabulary(head: EagleHead) -> torch.Tensor:
-    """`[V]` bool: the target ids the head can propose."""
-    mask = torch.zeros(head.config.vocab_size, dtype=torch.bool, device=head.d2t.device)
-    mask[head.draft_ids] = True
-    return mask
-
-
 # ---------------------------------------------------------------- training and report
 
 
@@ -156,7 +149,7 @@ def train(cfg: DictConfig, head: EagleHead, target, embed, rows: list[dict], pad
     head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
     embed = embed.to(accelerator.device)
     model = accelerator.unwrap_model(head)
-    in_vocab, draft_ids = in_vocabulary(model), model.draft_ids
+    in_vocab, draft_ids = model.t2d, model.draft_ids
 
     def step(index: int) -> tuple[torch.Tensor, list[float], int]:
         sides = target_side(target, batches[index], model.config.layers, draft_ids, pad)
@@ -177,7 +170,7 @@ def train(cfg: DictConfig, head: EagleHead, target, embed, rows: list[dict], pad
 def acceptance(head: EagleHead, target, embed, rows: list[dict], steps: int, pad: int, batch_size: int) -> dict:
     """Held-out top-1 acceptance per draft position, overall and per task type: `{"overall": [...], task: [...]}`."""
     head.eval()
-    in_vocab = in_vocabulary(head)
+    in_vocab = head.t2d
     counts: dict[str, list[list[int]]] = {}
     for start in tqdm(range(0, len(rows), batch_size), desc="held-out acceptance", unit="batch", leave=False):
         batch = rows[start : start + batch_size]
