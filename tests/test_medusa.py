@@ -15,7 +15,7 @@ from heads.medusa import CONFIG_FILE, MedusaHeads, load_medusa2
 from specdec.drafters import Composite, MedusaDrafter, NGramDrafter, medusa
 from specdec.drafters.base import DecodeState
 from specdec.tree import best_choices
-from training import train_medusa
+from training import common, train_medusa
 
 PROMPT = torch.tensor([[3, 4, 5, 6, 7, 3, 4, 5, 9, 10]])
 TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0)]
@@ -322,8 +322,8 @@ def trained(tmp_path_factory):
     features = train_medusa.cache_features(target, rows, 3, 0, 8, tmp_path / "features")
     heldout = train_medusa.cache_features(target, heldout_rows, 3, 0, 8, tmp_path / "heldout")
     heads = MedusaHeads.for_model(target, num_heads=3)
-    lm_head = train_medusa.frozen_copy(target.get_output_embeddings())
-    embed = train_medusa.frozen_copy(target.get_input_embeddings())
+    lm_head = common.frozen_copy(target.get_output_embeddings())
+    embed = common.frozen_copy(target.get_input_embeddings())
     before = train_medusa.rank_accuracy(heads, lm_head, embed, heldout, 4)
     log = train_medusa.train_medusa1(tiny_cfg(tmp_path), heads, lm_head, embed, features, tmp_path / "ckpt")
     return target, heads, before, train_medusa.rank_accuracy(heads, lm_head, embed, heldout, 4), log, features
@@ -331,8 +331,8 @@ def trained(tmp_path_factory):
 
 def test_draft_vocab_is_the_most_frequent_answer_tokens():
     rows = [{"answer_ids": [5, 5, 7, 9]}, {"answer_ids": [7, 5, 2]}]
-    assert train_medusa.draft_vocab(rows, 2).tolist() == [5, 7]
-    assert sorted(train_medusa.draft_vocab(rows, 10).tolist()) == [2, 5, 7, 9]  # only tokens that occur
+    assert common.draft_vocab(rows, 2).tolist() == [5, 7]
+    assert sorted(common.draft_vocab(rows, 10).tolist()) == [2, 5, 7, 9]  # only tokens that occur
 
 
 def test_head_labels_are_the_tokens_two_plus_k_ahead():
@@ -370,8 +370,8 @@ def test_training_path_heads_raises_accuracy_and_stays_exact(trained, tmp_path):
     target, _, before, _, _, features = trained  # before: untrained heads (= the base LM head), path ones too
     heldout = train_medusa.cache_features(target, self_distilled_rows(target, 6, seed=1), 3, 0, 8, tmp_path / "h")
     heads = MedusaHeads.for_model(target, num_heads=3, path_inputs=True)
-    lm_head = train_medusa.frozen_copy(target.get_output_embeddings())
-    embed = train_medusa.frozen_copy(target.get_input_embeddings())
+    lm_head = common.frozen_copy(target.get_output_embeddings())
+    embed = common.frozen_copy(target.get_input_embeddings())
     train_medusa.train_medusa1(tiny_cfg(tmp_path), heads, lm_head, embed, features, tmp_path / "ckpt")
     accuracy = train_medusa.rank_accuracy(heads, lm_head, embed, heldout, 4)
     assert accuracy[0, 0] > before[0, 0] + 0.2 and accuracy[:, 0].mean() > before[:, 0].mean() + 0.1, accuracy
@@ -386,20 +386,20 @@ def test_training_path_heads_raises_accuracy_and_stays_exact(trained, tmp_path):
 def test_training_resumes_from_a_checkpoint(tmp_path, monkeypatch):
     target = tiny_model("llama")
     features = train_medusa.cache_features(target, self_distilled_rows(target, 8, 0), 3, 0, 8, tmp_path / "f")
-    lm_head = train_medusa.frozen_copy(target.get_output_embeddings())
-    embed = train_medusa.frozen_copy(target.get_input_embeddings())
+    lm_head = common.frozen_copy(target.get_output_embeddings())
+    embed = common.frozen_copy(target.get_input_embeddings())
     cfg = tiny_cfg(tmp_path, epochs=2, checkpoint_every=3)
-    save = train_medusa.save_checkpoint
+    save = common.save_checkpoint
 
     def save_then_stop(*args):
         save(*args)
         raise KeyboardInterrupt  # interrupted right after the first checkpoint (batch 3)
 
-    monkeypatch.setattr(train_medusa, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(common, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         heads = MedusaHeads.for_model(target, num_heads=3)
         train_medusa.train_medusa1(cfg, heads, lm_head, embed, features, tmp_path / "c")
-    monkeypatch.setattr(train_medusa, "save_checkpoint", save)
+    monkeypatch.setattr(common, "save_checkpoint", save)
     resumed = MedusaHeads.for_model(target, num_heads=3)
     log = train_medusa.train_medusa1(cfg, resumed, lm_head, embed, features, tmp_path / "c")
     straight = MedusaHeads.for_model(target, num_heads=3)

@@ -13,7 +13,7 @@ from heads.eagle import EagleHead
 from specdec import verify
 from specdec.drafters import EagleDrafter
 from training import train_eagle
-from training.train_medusa import frozen_copy
+from training.common import frozen_copy
 
 STEPS = 3
 

@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 from heads.eagle import EagleHead, HeadCache, export_eagle3
 from specdec import verify
 from specdec.models import load_model
+from training.common import draft_vocab, frozen_copy, optimizer_and_schedule, train_loop
 from training.data import collate, make_batches, pad_id, reproduce_command, resolve_device, split_heldout
 from training.mix import mix_counts, mix_rows, mix_table, task_of
-from training.train_medusa import _loop, _optimizer, draft_vocab, frozen_copy
 
 # ---------------------------------------------------------------- the target's side
 
@@ -145,7 +145,7 @@ def train(cfg: DictConfig, head: EagleHead, target, embed, rows: list[dict], pad
         mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum
     )
     batches = [b for e in range(cfg.train.epochs) for b in make_batches(rows, cfg.train.batch_size, cfg.seed + e)]
-    optimizer, scheduler, steps = _optimizer(cfg, head.parameters(), len(batches))
+    optimizer, scheduler, steps = optimizer_and_schedule(cfg, head.parameters(), len(batches))
     head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
     embed = embed.to(accelerator.device)
     model = accelerator.unwrap_model(head)
@@ -163,7 +163,7 @@ def train(cfg: DictConfig, head: EagleHead, target, embed, rows: list[dict], pad
         tokens = sum(int(s["answer"].sum()) for s in sides)
         return torch.stack(losses).mean(), [h / max(n, 1) for h, n in hits], tokens
 
-    return _loop(cfg, accelerator, head, optimizer, scheduler, steps, step, ckpt_dir, "eagle-3")
+    return train_loop(cfg, accelerator, head, optimizer, scheduler, steps, step, ckpt_dir, "eagle-3")
 
 
 @torch.no_grad()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import hydra
@@ -39,12 +38,11 @@ from omegaconf import DictConfig
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from heads.medusa import ADAPTER_DIR, MedusaHeads
 from specdec.models import load_model
 from specdec.tree import best_choices
-from training.checkpoints import resume, save_checkpoint
+from training.common import draft_vocab, frozen_copy, optimizer_and_schedule, train_loop
 from training.data import (
     collate,
     make_batches,
@@ -166,7 +164,7 @@ def train_medusa1(cfg: DictConfig, heads: MedusaHeads, lm_head, embed, features:
     size, n = cfg.train.batch_positions, len(features["labels"])
     order = [torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + e)) for e in range(cfg.train.epochs)]
     batches = [_share(perm[i : i + size], accelerator) for perm in order for i in range(0, n, size)]
-    optimizer, scheduler, steps = _optimizer(cfg, heads.parameters(), len(batches))
+    optimizer, scheduler, steps = optimizer_and_schedule(cfg, heads.parameters(), len(batches))
     heads, optimizer, scheduler = accelerator.prepare(heads, optimizer, scheduler)
     lm_head, embed = lm_head.to(accelerator.device), embed.to(accelerator.device)
 
@@ -177,7 +175,7 @@ def train_medusa1(cfg: DictConfig, heads: MedusaHeads, lm_head, embed, features:
         loss, per_head = heads_loss(heads(hidden, lm_head, paths, embed), labels, cfg.train.head_decay)
         return loss, per_head, len(labels)
 
-    return _loop(cfg, accelerator, heads, optimizer, scheduler, steps, step, ckpt_dir, "medusa-1")
+    return train_loop(cfg, accelerator, heads, optimizer, scheduler, steps, step, ckpt_dir, "medusa-1")
 
 
 def train_medusa2(
@@ -191,7 +189,7 @@ def train_medusa2(
     batches = [_share(b, accelerator) for e in epochs for b in make_batches(rows, cfg.train.batch_size, cfg.seed + e)]
     model = torch.nn.ModuleDict({"target": target, "heads": heads})
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler, steps = _optimizer(cfg, trainable, len(batches))
+    optimizer, scheduler, steps = optimizer_and_schedule(cfg, trainable, len(batches))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     def step(index: int) -> tuple[torch.Tensor, list[float], int]:
@@ -210,51 +208,13 @@ def train_medusa2(
         lm_loss = -((top_p / top_p.sum(-1, keepdim=True)) * log_q.gather(-1, top_ids)).sum(-1).mean()
         return lm_loss + cfg.train.heads_weight * h_loss, [lm_loss.item(), *per_head], int(attention_mask.sum())
 
-    return _loop(cfg, accelerator, model, optimizer, scheduler, steps, step, ckpt_dir, "medusa-2")
+    return train_loop(cfg, accelerator, model, optimizer, scheduler, steps, step, ckpt_dir, "medusa-2")
 
 
 def _share(batch, accelerator: Accelerator):
     """This process's part of a batch (every `num_processes`-th item): together the processes train on the whole
     batch, and DDP averages their gradients."""
     return batch[accelerator.process_index :: accelerator.num_processes]
-
-
-def _optimizer(cfg: DictConfig, params, batches: int):
-    steps = batches // cfg.train.grad_accum
-    steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
-    optimizer = torch.optim.AdamW(list(params), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    return optimizer, get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, steps), steps
-
-
-def _loop(cfg, accelerator, model, optimizer, scheduler, steps: int, step, ckpt_dir: Path, desc: str) -> list[dict]:
-    """The shared loop: `step(index) -> (loss, per-part losses, tokens)`; logs, checkpoints, resumes."""
-    total = steps * cfg.train.grad_accum
-    done, log = resume(accelerator, ckpt_dir)
-    progress = tqdm(total=total, initial=done, desc=desc, unit="batch", disable=not accelerator.is_main_process)
-    tokens, tic = 0, time.perf_counter()
-    model.train()
-    for index in range(done, total):
-        with accelerator.accumulate(model):
-            loss, parts, count = step(index)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        tokens += count
-        progress.update(1)
-        if (index + 1) % cfg.train.log_every == 0 or index + 1 == total:
-            seconds = time.perf_counter() - tic
-            # over all processes: mean losses, tokens summed (the same log on every process)
-            losses = accelerator.reduce(torch.tensor([loss.item(), *parts], device=accelerator.device), "mean")
-            loss_value, parts = losses[0].item(), losses[1:].tolist()
-            all_tokens = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
-            log.append({"batch": index + 1, "loss": loss_value, "parts": parts, "tokens_per_s": all_tokens / seconds})
-            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{all_tokens / seconds:.0f}")
-        if (index + 1) % cfg.train.checkpoint_every == 0 or index + 1 == total:
-            save_checkpoint(accelerator, ckpt_dir, index + 1, log)
-    progress.close()
-    model.eval()
-    return log
 
 
 # ---------------------------------------------------------------- main
@@ -267,13 +227,6 @@ def load_rows(cfg: DictConfig, target, tokenizer) -> list[dict]:
         rows += mix_rows(cfg, target, tokenizer, cache)
     rows += teacher_forced_rows(cfg, target, tokenizer, cache / "teacher_forced")
     return rows
-
-
-def draft_vocab(rows: list[dict], size: int) -> torch.Tensor:
-    """The `size` most frequent answer tokens of `rows` (fewer if fewer occur), most frequent first."""
-    counts = torch.bincount(torch.tensor([t for r in rows for t in r["answer_ids"]], dtype=torch.long))
-    order = counts.argsort(descending=True, stable=True)
-    return order[: min(size, int((counts > 0).sum()))]
 
 
 def finish(
@@ -437,16 +390,6 @@ def plain_copy(model):
     plain = type(model)(model.config)
     plain.load_state_dict(model.state_dict())
     return plain
-
-
-def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """An fp32 copy of an LM head (`nn.Linear`) or input embedding (`nn.Embedding`) that takes no gradient."""
-    weight = torch.nn.Parameter(module.weight.detach().float().clone(), requires_grad=False)
-    if isinstance(module, torch.nn.Embedding):
-        return torch.nn.Embedding.from_pretrained(weight, freeze=True)
-    copy = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    copy.weight = weight
-    return copy
 
 
 @dataclasses.dataclass
