@@ -43,6 +43,27 @@ def test_unrolled_steps_are_what_drafting_a_chain_computes():
                 torch.testing.assert_close(outputs[k][j], hidden, rtol=1e-5, atol=1e-5)
 
 
+def test_steps_from_a_start_position_are_the_same_outputs_and_the_same_loss(monkeypatch):
+    target = tiny_model("llama")
+    head = head_for(target, draft_vocab=list(range(0, 128, 3))).eval()
+    row = {"prompt_ids": [3, 9, 4, 17, 5, 6, 40, 7, 8, 30, 11, 12], "answer_ids": [20, 21, 22, 23, 2]}
+    side = train_eagle.target_side(target, [row], head.config.layers, head.draft_ids, pad=0)[0]
+    embed = target.get_input_embeddings()
+    start = train_eagle.first_position(side["answer"], STEPS)
+    assert start == len(row["prompt_ids"]) - 1 - STEPS  # the prompt's first positions are read by step 0 only
+    with torch.no_grad():
+        whole = train_eagle.unroll(head, embed(side["tokens"]), side["features"], STEPS)
+        part = train_eagle.unroll(head, embed(side["tokens"]), side["features"], STEPS, start)
+        assert [len(o) for o in part] == [len(o) - start for o in whole]
+        for k in range(STEPS):
+            torch.testing.assert_close(part[k], whole[k][start:], rtol=1e-5, atol=1e-5)
+        loss, stats = train_eagle.unrolled_loss(head, embed, side, head.t2d, STEPS, 0.8)
+        monkeypatch.setattr(train_eagle, "first_position", lambda answer, steps: 0)
+        loss_whole, stats_whole = train_eagle.unrolled_loss(head, embed, side, head.t2d, STEPS, 0.8)
+    torch.testing.assert_close(loss, loss_whole, rtol=1e-5, atol=1e-6)
+    assert stats == stats_whole and stats[0][1] == len(row["answer_ids"])
+
+
 def test_target_side_reads_features_and_draft_vocabulary_logits():
     target = tiny_model("llama")
     head = head_for(target, draft_vocab=list(range(0, 128, 2)))

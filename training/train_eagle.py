@@ -80,7 +80,9 @@ def target_side(target, batch: list[dict], layers: tuple[int, ...], draft_ids: t
 # ---------------------------------------------------------------- the training-time test
 
 
-def unroll(head: EagleHead, embeds: torch.Tensor, features: torch.Tensor, steps: int) -> list[torch.Tensor]:
+def unroll(
+    head: EagleHead, embeds: torch.Tensor, features: torch.Tensor, steps: int, start: int = 0
+) -> list[torch.Tensor]:
     """The head's outputs over one sequence, unrolled on its own outputs (EAGLE-3's training-time test).
 
     Args:
@@ -88,26 +90,40 @@ def unroll(head: EagleHead, embeds: torch.Tensor, features: torch.Tensor, steps:
         embeds: `[T, H]` the target's input embeddings of the sequence's tokens.
         features: `[T, k*H]` the target's features at those positions.
         steps: draft positions to unroll.
+        start: the first position `j` whose outputs are wanted: step 0 still reads the whole context (every later
+            step attends to it), the later steps run from `start` only (a long prompt before the answer costs one
+            step, not `steps`).
 
     Returns:
-        Per step `k`, `[T - 1 - k, H]`: at position `j`, the output after reading token `j+1+k` (it predicts token
-        `j+2+k`), exactly what drafting computes for a chain node at depth `k` after the context `0..j+1`.
+        Per step `k`, `[T - 1 - k - start, H]`: at position `j = start + i`, the output after reading token `j+1+k`
+        (it predicts token `j+2+k`), exactly what drafting computes for a chain node at depth `k` after the
+        context `0..j+1`.
     """
     n = embeds.shape[0] - 1  # positions 0 .. T-2 read tokens 1 .. T-1
+    start = min(start, max(n - 1, 0))
     cache, outputs, sizes = HeadCache(), [], []
-    hidden = head.project(features[:n])
-    for k in range(min(steps, n)):
-        m = n - k
-        if k == 0:
-            visible = torch.ones(n, n, dtype=torch.bool).tril()
-        else:
-            blocks = [torch.ones(m, n, dtype=torch.bool).tril()]  # step 0's entries: the real context up to j
-            blocks += [torch.eye(m, size, dtype=torch.bool) for size in sizes[1:]]  # its own steps 1 .. k-1 at j
-            visible = torch.cat([*blocks, torch.eye(m, dtype=torch.bool)], dim=1)  # and itself
-        hidden = head(embeds[1 + k :], hidden[:m], torch.arange(k, k + m), cache, visible)  # [m, H]
+    hidden = head(
+        embeds[1:], head.project(features[:n]), torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril()
+    )
+    outputs.append(hidden[start:])
+    sizes.append(n)
+    for k in range(1, min(steps, n - start)):
+        m = n - k - start
+        blocks = [torch.ones(m, n, dtype=torch.bool).tril(diagonal=start)]  # step 0's entries: the context up to j
+        blocks += [torch.eye(m, size, dtype=torch.bool) for size in sizes[1:]]  # its own steps 1 .. k-1 at j
+        visible = torch.cat([*blocks, torch.eye(m, dtype=torch.bool)], dim=1)  # and itself
+        hidden = head(embeds[start + 1 + k :], outputs[-1][:m], torch.arange(start + k, start + k + m), cache, visible)
         outputs.append(hidden)
         sizes.append(m)
     return outputs
+
+
+def first_position(answer: torch.Tensor, steps: int) -> int:
+    """The first position whose unrolled outputs any step's loss reads: step `k` at `j` is scored on token
+    `j+2+k`, so nothing before `first answer position - steps` is (`answer` `[T]`: position `t` predicts an answer
+    token)."""
+    where = answer.nonzero()
+    return max(int(where[0]) - steps, 0) if len(where) else 0
 
 
 def unrolled_loss(
@@ -120,13 +136,14 @@ def unrolled_loss(
     `row`: one of `target_side`'s; `in_vocab`: `[V]` bool, the target ids in the draft vocabulary (`head.t2d`)."""
     device = head.fc.weight.device
     tokens, answer = row["tokens"].to(device), row["answer"].to(device)
-    outputs = unroll(head, embed(tokens), row["features"].to(device), steps)
+    start = first_position(answer, steps)
+    outputs = unroll(head, embed(tokens), row["features"].to(device), steps, start)
     loss, stats = torch.zeros((), device=device), []
     for k, hidden in enumerate(outputs):
-        nxt = tokens[2 + k :]  # row j predicts token j+2+k; the last row would predict beyond the sequence
+        nxt = tokens[start + 2 + k :]  # row j predicts token j+2+k; the last row would predict beyond the sequence
         m = len(nxt)
-        target_p = torch.softmax(row["logits"][1 + k : 1 + k + m].to(device), dim=-1)  # the target at j+1+k
-        mask = answer[1 + k : 1 + k + m]  # token j+2+k is an answer token
+        target_p = torch.softmax(row["logits"][start + 1 + k : start + 1 + k + m].to(device), dim=-1)  # at j+1+k
+        mask = answer[start + 1 + k : start + 1 + k + m]  # token j+2+k is an answer token
         log_q = torch.log_softmax(head.logits(hidden[:m]).float(), dim=-1)
         learn = mask & in_vocab[nxt]
         if learn.any():
