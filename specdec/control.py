@@ -10,7 +10,9 @@ One controller serves every draft source. It keeps a small explicit model, updat
   of tokens (on CPUs, fp32 steps jump where a kernel changes), so a line alone misjudges the plain step
   that every speculative step competes with. Drafting costs `c` per draft level.
 - value: `R[d]`, the measured probability that the accepted path reaches depth `d` when the tree did
-  (per depth, discounted counts with a weak prior, so that a few unlucky steps do not end speculation);
+  (per depth, discounted counts with a weak prior, so that a few unlucky steps do not end speculation; the
+  prior fades with the same discount, so that a source that is never accepted is measured as such, not as the
+  prior's floor of a few percent per depth, which made useless drafts look worth a slightly larger tree);
   a step of depth `D` yields `E(D) = 1 + sum(R[1..D])` tokens. `R` is kept twice: after a step whose
   accepted path reached its tree's deepest level (a streak: text being copied, from the prompt or an
   earlier answer, tends to go on being copied) and after any other step, so that copy runs get deep
@@ -178,6 +180,7 @@ class Controller:
         # tree's deepest level), discounted counts: accepted path reached depth d out of steps whose tree did
         self.hits = [[0.0] * (cfg.max_depth + 1) for _ in range(2)]  # index 0 unused
         self.trials = [[0.0] * (cfg.max_depth + 1) for _ in range(2)]
+        self.prior = [cfg.prior_weight, cfg.prior_weight]  # pseudo-steps behind prior_acceptance, fading
         self.streak = 0
         self.width = 1.0  # draft nodes per level of recent trees
         self.accepted_sum = [0.0, 0.0]  # per streak state, discounted, over steps with scored trees
@@ -220,13 +223,13 @@ class Controller:
         """`R[d]` for d = 1..max_depth: discounted hit counts with a weak prior where depth d was drafted;
         beyond the deepest drafted depth, continued at the mean (geometric) per-level rate."""
         cfg = self.config
-        hits, trials = self.hits[streak], self.trials[streak]
+        hits, trials, weight = self.hits[streak], self.trials[streak], self.prior[streak]
         curve: list[float] = []
         rate = cfg.prior_acceptance
         for d in range(1, cfg.max_depth + 1):
             if trials[d] > 0:
                 prior = cfg.prior_acceptance**d
-                value = (hits[d] + cfg.prior_weight * prior) / (trials[d] + cfg.prior_weight)
+                value = (hits[d] + weight * prior) / (trials[d] + weight)
                 rate = max(value, 1e-9) ** (1 / d)
             else:
                 value = (curve[-1] if curve else 1.0) * rate
@@ -380,15 +383,18 @@ class Controller:
             s = self.streak
             self.accepted_sum[s] = cfg.discount * self.accepted_sum[s] + sum(a for a, _ in scored)
             self.promised_sum[s] = cfg.discount * self.promised_sum[s] + sum(p for _, p in scored)
-        if not plan.speculate:
+        if not plan.speculate:  # a plain step: what speculation learnt before it fades (a probe after a long
+            # fallback is judged on what it finds, not outweighed by the steps that led to the fallback)
             self.streak = 0
+            self._fade(0)
+            self._curves[0] = self._acceptance_curve(0)
+            self._gains[0] = _prefix_sums(self._curves[0])
             return
         self.costs.add_draft(max(depth for _, depth, _, _ in rows), draft_seconds / len(rows))
         self.speculative_steps += 1
-        hits, trials = self.hits[self.streak], self.trials[self.streak]  # the state the plan was made in
+        self._fade(self.streak)  # the state the plan was made in
+        hits, trials = self.hits[self.streak], self.trials[self.streak]
         for d in range(1, cfg.max_depth + 1):
-            hits[d] *= cfg.discount
-            trials[d] *= cfg.discount
             for _, tree_depth, accepted, _ in rows:
                 if d <= tree_depth:
                     hits[d] += accepted >= d
@@ -402,6 +408,13 @@ class Controller:
             self.width = (1 - ema) * self.width + ema * sum(drafted) / len(drafted)
         self._update_threshold()
         self._decide_fallback()
+
+    def _fade(self, streak: int) -> None:
+        """One step older: streak state `streak`'s acceptance counts and its prior weigh `discount` times less."""
+        discount = self.config.discount
+        self.hits[streak] = [h * discount for h in self.hits[streak]]
+        self.trials[streak] = [t * discount for t in self.trials[streak]]
+        self.prior[streak] *= discount
 
     def _decide_fallback(self) -> None:
         cfg = self.config
