@@ -150,7 +150,7 @@ def test_composite_skips_a_source_that_does_not_pay_and_probes_it_again():
         composite.commit(Acceptance(path=follow(tree, [7, 8]), tokens=[7, 8, 5]))
     assert cheap.asks == 40
     assert 4 + 35 // 6 <= costly.asks <= 4 + 36 // 6 + 1  # the warm-up, then one probe after every 5 skips
-    useful = StubSource([7, 8], seconds=0.001)  # not free, but it pays: 2 tokens x 1 ms saved per 1 ms spent
+    useful = StubSource([7, 8], seconds=0.0002)  # not free, but it pays: 2 tokens x 1 ms saved per 0.2 ms spent
     composite = Composite([StubSource([3]), useful], skip_gain=100.0, warmup=4, probe_every=5)
     for _ in range(20):
         tree = composite.propose(state)
