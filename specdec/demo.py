@@ -8,8 +8,8 @@ Run: .venv/bin/python -m specdec.demo [--dtype fp32|bf16] [--drafter NAME] [--ma
 
 Drafters: `draft` (the shipped distilled draft model), `ngram` (the n-gram source with the shipped
 cross-request memory of the target's own answers), `medusa` (the shipped Medusa heads), `composite`
-(n-gram with the memory, then the draft model: the default), `eagle` (the built-in EAGLE-3 head, once trained:
-`training/train_eagle.py`; until then a clear error).
+(n-gram with the memory, then the draft model: the default), `eagle` (the shipped EAGLE-3 head, a first, weak one:
+`training/train_eagle.py` trains it again).
 """
 
 from __future__ import annotations

@@ -241,8 +241,9 @@ def main(cfg: DictConfig) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (work / "train_log.json").write_text(json.dumps(log, indent=1))
     (out / "README.md").write_text(
-        f"# {out.name}\n\nAn EAGLE-3 head for `{cfg.target}` trained by `training/train_eagle.py`; `eagle3/` holds "
-        f"it in the layout vLLM and SGLang load.\n\nReproduce: `{command}`\n\n"
+        f"# {out.name}\n\nAn EAGLE-3 head for `{cfg.target}` trained by `training/train_eagle.py`"
+        + ("; `eagle3/` holds it in the layout vLLM and SGLang load" if cfg.export_eagle3 else "")
+        + f".\n\nReproduce: `{command}`\n\n"
         f"Held-out top-1 acceptance per draft position ({len(heldout_rows)} answers; `metrics.json` has it per task "
         f"type): {after['overall']}.\n\n"
         f"Training conversations by task type (the mix, `conf/data/mix.yaml`):\n\n{mix_table(train_rows)}\n"
