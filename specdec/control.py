@@ -387,8 +387,7 @@ class Controller:
             # fallback is judged on what it finds, not outweighed by the steps that led to the fallback)
             self.streak = 0
             self._fade(0)
-            self._curves[0] = self._acceptance_curve(0)
-            self._gains[0] = _prefix_sums(self._curves[0])
+            self._refresh(0)
             return
         self.costs.add_draft(max(depth for _, depth, _, _ in rows), draft_seconds / len(rows))
         self.speculative_steps += 1
@@ -399,8 +398,7 @@ class Controller:
                 if d <= tree_depth:
                     hits[d] += accepted >= d
                     trials[d] += 1
-        self._curves[self.streak] = self._acceptance_curve(self.streak)
-        self._gains[self.streak] = _prefix_sums(self._curves[self.streak])
+        self._refresh(self.streak)
         full = sum(tree_depth > 0 and accepted >= tree_depth for _, tree_depth, accepted, _ in rows)
         self.streak = int(2 * full > len(rows))  # most rows accepted their tree's deepest level
         drafted = [(size - 1) / depth for size, depth, _, _ in rows if depth > 0]
@@ -415,6 +413,11 @@ class Controller:
         self.hits[streak] = [h * discount for h in self.hits[streak]]
         self.trials[streak] = [t * discount for t in self.trials[streak]]
         self.prior[streak] *= discount
+
+    def _refresh(self, streak: int) -> None:
+        """Streak state `streak`'s acceptance curve and its prefix sums, after its counts changed."""
+        self._curves[streak] = self._acceptance_curve(streak)
+        self._gains[streak] = _prefix_sums(self._curves[streak])
 
     def _decide_fallback(self) -> None:
         cfg = self.config
