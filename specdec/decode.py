@@ -104,6 +104,7 @@ def decode(
     with verify.aux_hidden_states(parts.target, layers) as aux:
         cache, hidden = verify.prefill(parts.target, prompt[:, :-1], output_hidden_states=keep_hidden)
     features = aux[-1][0] if aux else None  # [L-1, k*H]: the prompt's, but its last token's
+    stream_logits = None  # [k, V]: the target's predictions past the root, when the last step streamed its node
     stats.prefill_time, stats.target_forwards = verify.wall_time(parts.target) - tic, int(prompt.shape[1] > 1)
 
     while True:
@@ -111,13 +112,17 @@ def decode(
         plan = parts.controller.plan() if parts.controller else None
         step_time = parts.controller.plain_step_time() if parts.controller else None
         state = _state(ids[:, : len(tokens)], room, plan, limits.sampling, generator, hidden, step_time, features)
+        state = replace(state, streams=stream_logits)
         if plan is not None and not plan.speculate and parts.drafter.free:  # opportunistic: free sources only
             depth = min(room - 1, parts.controller.config.max_depth)
             state = replace(state, max_depth=depth, budget=None, free_only=True)
+        if (reserve := parts.drafter.stream_budget(state)) and state.budget is not None:  # streams are tokens too
+            state = replace(state, budget=max(state.budget - reserve, 1))
         tic = verify.wall_time(parts.target)
         tree = parts.drafter.propose(state).truncate(state.max_depth).limit(state.budget)  # within the plan
         if state.free_only and not parts.controller.pays(len(tree), tree.expected_gain):
             tree = tree.truncate(0)  # a fallback step: the free draft does not pay, take a plain step
+        streams = parts.drafter.streams(tree, state) if reserve else None
         if int(tree.tokens[0]) != state.root:
             raise RuntimeError(f"{type(parts.drafter).__name__} proposed a tree not rooted at the last token")
         distributed.check_same_tree(tree)  # tensor parallelism: every rank verifies the same tree, or an error
@@ -127,16 +132,19 @@ def decode(
             verify.final_hidden_states(parts.target) if keep_hidden else _no_capture() as final,
             verify.aux_hidden_states(parts.target, layers) as aux,
         ):
-            logits = verify.forward_tree(parts.target, cache, tree).logits[0]  # [N, V]
+            logits = verify.forward_tree(parts.target, cache, tree, streams=streams).logits[0]  # [N (+ S), V]
         verified = verify.wall_time(parts.target)
+        size = len(tree) + (len(streams) if streams else 0)  # tokens in the forward
         stats.draft_time += toc - tic
         stats.catchup_time += catchup
         stats.verify_time += verified - toc
         stats.target_forwards += 1
-        stats.tree_sizes.append(len(tree))
+        stats.tree_sizes.append(size)
 
-        accepted = accept(parts.typical, tree, logits, limits.sampling, generator)
-        kv.keep_path(cache, len(tokens) - 1, accepted.path)
+        accepted = accept(parts.typical, tree, logits[: len(tree)], limits.sampling, generator)
+        kv.keep_path(cache, len(tokens) - 1, accepted.path)  # the streams' entries go with the rejected nodes
+        rows = streams.rows(accepted.path[-1], len(tree)) if streams else None
+        stream_logits = logits[rows] if rows else None
         if keep_hidden:  # the state after the last accepted node: its LM head gave the bonus token
             hidden = final[-1][0, accepted.path[-1]]
         if layers:  # the states of the positions the cache kept: the accepted path
@@ -146,7 +154,7 @@ def decode(
             stats.plans.append(asdict(plan))
             drafting, checking = toc - tic - catchup, verify.wall_time(parts.target) - toc
             parts.controller.update(
-                plan, len(tree), tree.max_depth, accepted.num_accepted, tree.expected_gain, drafting, checking
+                plan, size, tree.max_depth, accepted.num_accepted, tree.expected_gain, drafting, checking
             )
 
         emitted, done = [], False
@@ -300,6 +308,12 @@ def decode_batch(
     """The loop for a batch: each row's new tokens (up to its stop) and the statistics. `prompts`: `[1, L_r]`
     each, unpadded; the batch is left-padded again here (to the longest), as `target.generate` pads it."""
     target, controller = parts.target, parts.controller
+    if parts.drafter.streaming:
+        raise ValueError(
+            f"{type(parts.drafter).__name__} drafts with speculative streams, which specdec scores for one prompt at "
+            f"a time: call generate with one prompt per call, or use an n-gram, Medusa, EAGLE or draft-model "
+            f"source for a batch"
+        )
     rows = [_start_row(parts, i, prompt, limits[i]) for i, prompt in enumerate(prompts)]
     stats = BatchSpecStats(rows=[row.stats for row in rows])
     if controller is not None:

@@ -14,6 +14,8 @@ Builders are pure functions:
 - `best_choices(accuracy, budget)`: the static shape with the most expected accepted tokens.
 - `expand_sampled(tree, frontier, probs, counts, generator)`: one level of children drawn from the draft,
   for lossless speculative sampling.
+
+`Streams` are learned query tokens verified along with a tree, below some of its nodes (speculative streaming).
 """
 
 from __future__ import annotations
@@ -284,6 +286,58 @@ class TokenTree:
         if self.max_depth <= max_depth:
             return self
         return self.select(self.depth <= max(max_depth, 0))
+
+
+@dataclass(frozen=True)
+class Streams:
+    """Extra query tokens for a tree's verification forward (speculative streaming, `heads/streams.py`).
+
+    After each of `nodes`, the `k` vectors `embeds` sit at depths +1 .. +k below it: stream `j` of node `n` sees
+    `n`'s path (its ancestors and itself) and `n`'s streams before `j`, and nothing sees a stream, so the tree's
+    own logits are unchanged. They are fed after the tree's nodes, node by node, `k` each.
+
+    Args:
+        nodes: the tree nodes that carry streams (distinct, any order).
+        embeds: `[k, H]` the stream vectors (the target's input embedding space).
+    """
+
+    nodes: tuple[int, ...]
+    embeds: torch.Tensor  # [k, H]
+
+    def __post_init__(self) -> None:
+        if not self.nodes or len(set(self.nodes)) != len(self.nodes) or self.embeds.dim() != 2:
+            raise ValueError(f"streams need distinct nodes and [k, H] embeds, got {self.nodes}, {self.embeds.shape}")
+
+    @property
+    def k(self) -> int:
+        return self.embeds.shape[0]
+
+    def __len__(self) -> int:
+        """Stream tokens in the forward."""
+        return len(self.nodes) * self.k
+
+    def rows(self, node: int, tree_size: int) -> slice | None:
+        """Where `node`'s streams sit in the forward's logits (after the tree's `tree_size` rows); None without."""
+        if node not in self.nodes:
+            return None
+        start = tree_size + self.nodes.index(node) * self.k
+        return slice(start, start + self.k)
+
+    def depth(self, tree: TokenTree) -> torch.Tensor:
+        """`[S]` each stream's depth in the tree: its node's + 1 .. + k."""
+        steps = torch.arange(1, self.k + 1)
+        return (tree.depth[list(self.nodes)][:, None] + steps).flatten()
+
+    def ancestor_mask(self, tree: TokenTree) -> torch.Tensor:
+        """`[S, N + S]` bool: what each stream sees of the tree's nodes and the streams (itself included)."""
+        n, k = len(tree), self.k
+        seen = torch.zeros(len(self), n + len(self), dtype=torch.bool)
+        own = torch.ones(k, k, dtype=torch.bool).tril()
+        for i, node in enumerate(self.nodes):
+            rows = slice(i * k, (i + 1) * k)
+            seen[rows, :n] = tree.ancestor_mask[node]
+            seen[rows, n + i * k : n + (i + 1) * k] = own
+        return seen
 
 
 def best_choices(accuracy: torch.Tensor, budget: int) -> list[tuple[int, ...]]:

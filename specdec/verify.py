@@ -21,7 +21,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 from specdec import kv
 from specdec.attention import SDPA_TREE
 from specdec.devices import compute_dtype, input_device
-from specdec.tree import TokenTree
+from specdec.tree import Streams, TokenTree
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", SDPA_TREE)
 
@@ -86,19 +86,31 @@ def tree_attention_mask(tree: TokenTree, prefix_len: int, dtype: torch.dtype, st
 
 
 def forward_tree(
-    model: PreTrainedModel, cache: DynamicCache, tree: TokenTree, start: int = 0, last_logits_only: bool = False
+    model: PreTrainedModel,
+    cache: DynamicCache,
+    tree: TokenTree,
+    start: int = 0,
+    last_logits_only: bool = False,
+    streams: Streams | None = None,
 ):
     """Run nodes `start:` of `tree` through `model`, appending their keys and values to `cache`.
 
     `cache` must hold a plain prefix followed by the tree's nodes `0:start`; the prefix length is read
-    from the cache. With `start=0` this scores the whole tree after a cached prefix (verification).
+    from the cache. With `start=0` this scores the whole tree after a cached prefix (verification), and
+    `streams` (only then) are scored after it in the same forward.
 
     Returns:
         The model output; `logits` is `[1, N - start, V]`, row `j` predicting the child of node `start + j`
-        (with `last_logits_only`, where the model supports it, only the last row: `[1, 1, V]`).
+        (with `last_logits_only`, where the model supports it, only the last row: `[1, 1, V]`); with `streams`,
+        `[1, N + S, V]`: the tree's rows, then the streams' (`Streams.rows`). Their cache entries follow the
+        tree's: `kv.keep_path` drops them with the rejected nodes.
     """
     device = input_device(model)
     prefix_len = kv.length(cache) - start
+    if streams is not None:
+        if start or last_logits_only:
+            raise ValueError("streams are scored with a whole tree (start=0), every row's logits kept")
+        return _forward_streamed(model, cache, tree, streams, prefix_len, device)
     # a chain needs no tree mask: each new token sees every cached entry and the tokens before it (causal)
     mask = None if tree.is_chain else tree_attention_mask(tree, prefix_len, compute_dtype(model), start).to(device)
     positions = (prefix_len + tree.depth[start:]).unsqueeze(0).to(device)  # [1, N - start]
@@ -109,6 +121,29 @@ def forward_tree(
         cache=cache,
         use_cache=True,
         **(_last_logits_only(model) if last_logits_only else {}),
+    )
+
+
+def _forward_streamed(model, cache: DynamicCache, tree: TokenTree, streams: Streams, prefix_len: int, device):
+    """`forward_tree` of a tree and its streams: token embeddings then the stream vectors as `inputs_embeds` (the
+    model computes exactly what it would from the token ids), one mask over both."""
+    dtype = compute_dtype(model)
+    n, total = len(tree), len(tree) + len(streams)
+    seen = torch.zeros(total, total, dtype=torch.bool)
+    seen[:n, :n] = tree.ancestor_mask
+    seen[n:] = streams.ancestor_mask(tree)
+    mask = torch.zeros(total, prefix_len + total, dtype=dtype)
+    mask[:, prefix_len:].masked_fill_(~seen, torch.finfo(dtype).min)
+    positions = prefix_len + torch.cat([tree.depth, streams.depth(tree)])
+    embedding = model.get_input_embeddings()
+    tokens = embedding(tree.tokens.unsqueeze(0).to(device))  # [1, N, H]
+    extra = streams.embeds.to(device=tokens.device, dtype=tokens.dtype).repeat(len(streams.nodes), 1)  # [S, H]
+    return model(
+        inputs_embeds=torch.cat([tokens, extra.unsqueeze(0)], dim=1),
+        attention_mask=mask[None, None].to(device),
+        position_ids=positions.unsqueeze(0).to(device),
+        cache=cache,
+        use_cache=True,
     )
 
 

@@ -12,8 +12,8 @@ from tiny import ARCHS, VOCAB, tiny_model
 
 import specdec
 from heads.medusa import CONFIG_FILE, MedusaHeads, load_medusa2
-from specdec.drafters import Composite, MedusaDrafter, NGramDrafter, medusa
-from specdec.drafters.base import DecodeState
+from specdec.drafters import Composite, MedusaDrafter, NGramDrafter
+from specdec.drafters.base import DecodeState, trim
 from specdec.tree import best_choices
 from training import common, train_medusa
 
@@ -240,7 +240,7 @@ def test_path_heads_skip_children_below_the_threshold_and_build_the_same_tree(mo
         calls.clear()
         state = DecodeState(PROMPT, max_depth=4, budget=7, threshold=threshold, hidden=hidden)
         tree = drafter.propose(state)
-        trimmed = medusa._trim(full, state)  # the full tree trimmed afterwards: what pruning must not change
+        trimmed = trim(full, state)  # the full tree trimmed afterwards: what pruning must not change
         assert tree.tokens.tolist() == trimmed.tokens.tolist() and tree.parents.tolist() == trimmed.parents.tolist()
         assert torch.allclose(tree.scores, trimmed.scores)
         expanded = sorted({int(full.depth[p]) for p in parents if p == 0 or full.scores[p] >= state.min_score})

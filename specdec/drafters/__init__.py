@@ -7,6 +7,7 @@ from specdec.drafters.medusa import MedusaDrafter
 from specdec.drafters.memory import NGramMemory
 from specdec.drafters.model import ModelDrafter
 from specdec.drafters.ngram import NGramDrafter
+from specdec.drafters.stream import StreamDrafter
 
 __all__ = [
     "Composite",
@@ -17,4 +18,5 @@ __all__ = [
     "ModelDrafter",
     "NGramDrafter",
     "NGramMemory",
+    "StreamDrafter",
 ]

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from specdec.acceptance import Acceptance
 from specdec.sampling import Sampling
-from specdec.tree import TokenTree
+from specdec.tree import Streams, TokenTree
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class DecodeState:
             last step: positions `L-1-T .. L-2` of `tokens` (`L = tokens.shape[1]`), i.e. the prompt but its
             last token at the first step, then the last tree's accepted path (its root and accepted nodes).
             None otherwise or when the prompt had a single token.
+        streams: `[k, V]` the target's logits at the `k` streams (`Drafter.streams`) it scored below the node that
+            chose the root, in the last verification forward: its own predictions of the tokens 1 .. k past the
+            root. None when that node carried no streams (or there was no such forward).
     """
 
     tokens: torch.Tensor  # [1, L]
@@ -52,6 +55,7 @@ class DecodeState:
     step_time: float | None = None
     free_only: bool = False
     features: torch.Tensor | None = None  # [T, k*H]
+    streams: torch.Tensor | None = None  # [k, V]
 
     @property
     def min_score(self) -> float:
@@ -78,12 +82,15 @@ class Drafter(ABC):
         catchup_time: seconds of the last `propose` spent re-reading tokens accepted since the source last
             drafted (a draft model's cache catching up after plain steps), not drafting; the controller
             charges only the rest to drafting.
+        streaming: the source adds stream tokens to verification forwards (`stream_budget`, `streams`) and
+            drafts from their logits (`DecodeState.streams`).
     """
 
     uses_hidden_states: bool = False
     hidden_layers: tuple[int, ...] = ()
     free: bool = False
     catchup_time: float = 0.0
+    streaming: bool = False
 
     def fork(self) -> Drafter:
         """A drafter for one more row of a batch: it shares what does not change during a generation (models,
@@ -103,9 +110,34 @@ class Drafter(ABC):
     def propose(self, state: DecodeState) -> TokenTree:
         """A tree rooted at `state.root`, at most `state.max_depth` deep (a root-only tree drafts nothing)."""
 
+    def stream_budget(self, state: DecodeState) -> int:
+        """Stream tokens this source will add to the verification forward of the step `state` plans (0: none, the
+        default). The decoding loop takes them out of the plan's node budget before `propose`: a stream costs what
+        a node costs."""
+        return 0
+
+    def streams(self, tree: TokenTree, state: DecodeState) -> Streams | None:
+        """The `stream_budget(state)` stream tokens to score with `tree` in its verification forward (speculative
+        streaming): their logits below the node that ends the accepted path come back as the next
+        `DecodeState.streams`. Called only when `stream_budget(state) > 0`."""
+        return None
+
     def commit(self, acceptance: Acceptance) -> None:
         """Called after verification of the last proposed tree, so stateful sources roll forward."""
 
     def finish(self, new_tokens: list[int]) -> None:
         """Called after each generation with the tokens it produced (sources that learn across requests
         keep them)."""
+
+
+def trim(tree: TokenTree, state: DecodeState) -> TokenTree:
+    """The best `state.budget` nodes of a scored tree, none below the plan's threshold (both keep a node's ancestors:
+    a child never scores above its parent, and ties go to the lower index, the parent). The root and the top
+    depth-1 candidate always stay, so that acceptance keeps being measured."""
+    keep = (tree.scores >= state.min_score).tolist()
+    keep[: min(2, len(tree))] = [True] * min(2, len(tree))
+    if state.budget is not None and len(tree) - 1 > state.budget:
+        scores = tree.scores.tolist()
+        for i in sorted(range(1, len(tree)), key=lambda i: (-scores[i], i))[state.budget :]:
+            keep[i] = False
+    return tree if all(keep) else tree.select(torch.tensor(keep))

@@ -81,6 +81,8 @@ class Composite(Drafter):
             raise ValueError("Composite needs at least one draft source")
         if len({drafter.hidden_layers for drafter in drafters if drafter.hidden_layers}) > 1:
             raise ValueError("Composite's sources must read the same target layers (hidden_layers), or none")
+        if sum(drafter.streaming for drafter in drafters) > 1:
+            raise ValueError("Composite takes at most one streaming source (one set of streams per forward)")
         self.drafters = list(drafters)
         self.skip_gain, self.tree_budget = skip_gain, tree_budget
         self.warmup, self.probe_every, self.discount = warmup, probe_every, discount
@@ -98,6 +100,17 @@ class Composite(Drafter):
     @property
     def free(self) -> bool:
         return any(drafter.free for drafter in self.drafters)
+
+    @property
+    def streaming(self) -> bool:
+        return any(drafter.streaming for drafter in self.drafters)
+
+    def stream_budget(self, state: DecodeState) -> int:
+        """The first streaming source's (streams are scored once per forward, whichever source drafts)."""
+        return next((d.stream_budget(state) for d in self.drafters if d.streaming), 0)
+
+    def streams(self, tree: TokenTree, state: DecodeState):
+        return next((d.streams(tree, state) for d in self.drafters if d.streaming), None)
 
     @property
     def catchup_time(self) -> float:

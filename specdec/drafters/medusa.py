@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
-from specdec.drafters.base import DecodeState, Drafter
+from specdec.drafters.base import DecodeState, Drafter, trim
 from specdec.tree import TokenTree
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class MedusaDrafter(Drafter):
             choices = _first(choices, state.budget)
             if not choices:
                 return TokenTree.chain(state.root)
-            return _trim(self._path_tree(state, choices), state)
+            return trim(self._path_tree(state, choices), state)
         features = self.heads.features(state.hidden)  # [K, H]
         if self.heads.lm_heads is None:  # shared LM head: one matmul for all heads
             top_lp, top_tok = self._top(self._weights[0], features)  # [K, k]
@@ -82,12 +82,12 @@ class MedusaDrafter(Drafter):
             tops = [self._top(w, f.unsqueeze(0)) for w, f in zip(self._weights, features, strict=True)]
             top_lp, top_tok = (torch.cat(t) for t in zip(*tops, strict=True))
         tree = TokenTree.from_choices(state.root, choices, top_tok, top_lp)
-        return _trim(tree, state)
+        return trim(tree, state)
 
     def _path_tree(self, state: DecodeState, choices: list[tuple[int, ...]]) -> TokenTree:
         """The `choices` tree for path-conditioned heads: depth by depth, head `d` runs once on the paths of
         all depth-`d` nodes that have children (path = root + the node's tokens). A node below the plan's
-        threshold gets no children: theirs would score lower still, and `_trim` would drop them (so each
+        threshold gets no children: theirs would score lower still, and `trim` would drop them (so each
         depth that nothing reaches saves a head call)."""
         paths: dict[tuple[int, ...], list[int]] = {(): [state.root]}
         scores: dict[tuple[int, ...], list[float]] = {(): [0.0]}
@@ -125,15 +125,3 @@ def _first(choices: list[tuple[int, ...]], budget: int | None) -> list[tuple[int
         if len(choice) == 1 or choice[:-1] in kept:
             kept.add(choice)
     return [c for c in choices if c in kept]
-
-
-def _trim(tree: TokenTree, state: DecodeState) -> TokenTree:
-    """The best `state.budget` nodes by score, none below the threshold (both keep a node's ancestors:
-    a child never scores above its parent, and ties go to the lower index, the parent)."""
-    keep = (tree.scores >= state.min_score).tolist()
-    keep[: min(2, len(tree))] = [True] * min(2, len(tree))  # the root and the top depth-1 candidate: acceptance
-    if state.budget is not None and len(tree) - 1 > state.budget:  # keeps being measured
-        scores = tree.scores.tolist()
-        for i in sorted(range(1, len(tree)), key=lambda i: (-scores[i], i))[state.budget :]:
-            keep[i] = False
-    return tree if all(keep) else tree.select(torch.tensor(keep))
