@@ -32,7 +32,7 @@ def test_top_level_configs_compose_and_resolve(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["distill_draft", "train_medusa", "finetune_medusa", "train_eagle", "build_ngram_memory"]
+    "name", ["distill_draft", "train_medusa", "finetune_medusa", "train_eagle", "train_streams", "build_ngram_memory"]
 )
 def test_training_configs_never_train_on_evaluation_prompts(name):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
