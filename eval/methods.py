@@ -7,9 +7,10 @@
   `ngram_memory` (the target's own answers to training prompts, and every answer of this run as it
   goes); `medusa`: specdec with Medusa heads; `composite`: n-gram (with the memory) then draft model
   (`Composite`); `medusa_ngram`: n-gram (with the memory) then Medusa heads; `eagle`, `eagle_ngram`: the
-  same with an EAGLE-3 head (`eagle_head`, EAGLE-2 dynamic trees); `useless` (random tokens) and `collapsing`
-  (`ngram_memory` for the first half of each answer, random tokens after): sources made to fail
-  (eval/stress.py), which the controller must survive.
+  same with an EAGLE-3 head (`eagle_head`, EAGLE-2 dynamic trees); `streams`, `streams_ngram`: speculative
+  streaming (`stream_embeddings`: the target drafts at stream tokens in its verification forward); `useless`
+  (random tokens) and `collapsing` (`ngram_memory` for the first half of each answer, random tokens after):
+  sources made to fail (eval/stress.py), which the controller must survive.
 - `hf_assisted`: Hugging Face assisted generation with the same draft (`assistant_model=`).
 - `hf_prompt_lookup`: Hugging Face prompt lookup decoding (`prompt_lookup_num_tokens=`).
 
@@ -31,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from eval.stress import Collapsing, Useless
 from heads.eagle import EagleHead
 from heads.medusa import MedusaHeads
+from heads.streams import StreamEmbeddings
 from specdec.control import Controller
 from specdec.devices import input_device
 from specdec.drafters import (
@@ -41,6 +43,7 @@ from specdec.drafters import (
     ModelDrafter,
     NGramDrafter,
     NGramMemory,
+    StreamDrafter,
 )
 from specdec.drafters.model import vocab_size
 from specdec.generate import SpeculativeGenerator
@@ -73,6 +76,9 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
     def eagle() -> EagleDrafter:
         return EagleDrafter(EagleHead.from_pretrained(cfg.eagle_head, target), **cfg.eagle_settings)
 
+    def streams() -> StreamDrafter:
+        return StreamDrafter(StreamEmbeddings.from_pretrained(cfg.stream_embeddings, target), **cfg.stream_settings)
+
     drafters: dict[str, Callable[[], Drafter]] = {
         "draft": lambda: ModelDrafter(draft, **cfg.draft_settings),
         "draft_chain": lambda: ModelDrafter(draft, **{**cfg.draft_settings, "branching": 1}),
@@ -83,6 +89,8 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
         "medusa_ngram": lambda: Composite([ngram_memory(), medusa()]),
         "eagle": eagle,
         "eagle_ngram": lambda: Composite([ngram_memory(), eagle()]),
+        "streams": streams,
+        "streams_ngram": lambda: Composite([ngram_memory(), streams()]),
         "useless": lambda: Useless(vocab_size(target)),  # eval/stress.py: the controller must lose ~nothing
         "collapsing": lambda: Collapsing(ngram_memory(), vocab_size(target), after=cfg.max_new_tokens // 2),
     }

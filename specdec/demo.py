@@ -9,7 +9,8 @@ Run: .venv/bin/python -m specdec.demo [--dtype fp32|bf16] [--drafter NAME] [--ma
 Drafters: `draft` (the shipped distilled draft model), `ngram` (the n-gram source with the shipped
 cross-request memory of the target's own answers), `medusa` (the shipped Medusa heads), `composite`
 (n-gram with the memory, then the draft model: the default), `eagle` (the shipped EAGLE-3 head, a first, weak one:
-`training/train_eagle.py` trains it again).
+`training/train_eagle.py` trains it again), `streams` (speculative streaming: the target drafts its own next tokens at
+the shipped stream embeddings inside each verification forward).
 """
 
 from __future__ import annotations
@@ -23,8 +24,17 @@ import torch
 
 from heads.eagle import BUILTIN_EAGLE, EagleHead
 from heads.medusa import BUILTIN_HEADS, MedusaHeads
+from heads.streams import BUILTIN_STREAMS, StreamEmbeddings
 from specdec.chat import chat_input_ids, load_questions
-from specdec.drafters import Composite, Drafter, EagleDrafter, MedusaDrafter, ModelDrafter, NGramDrafter
+from specdec.drafters import (
+    Composite,
+    Drafter,
+    EagleDrafter,
+    MedusaDrafter,
+    ModelDrafter,
+    NGramDrafter,
+    StreamDrafter,
+)
 from specdec.drafters.memory import BUILTIN_MEMORY
 from specdec.generate import SpeculativeGenerator
 from specdec.models import ASSETS, BUILTIN_TARGET, DEFAULT_DRAFTS, load_model
@@ -36,7 +46,7 @@ def timed(fn):
     return result, time.perf_counter() - tic
 
 
-DRAFTERS = ("composite", "draft", "ngram", "medusa", "eagle")
+DRAFTERS = ("composite", "draft", "ngram", "medusa", "eagle", "streams")
 
 
 def build_drafter(name: str, target, target_name: str, dtype: str) -> Drafter:
@@ -45,6 +55,8 @@ def build_drafter(name: str, target, target_name: str, dtype: str) -> Drafter:
         return MedusaDrafter(MedusaHeads.from_pretrained(BUILTIN_HEADS, target))
     if name == "eagle":
         return EagleDrafter(EagleHead.from_pretrained(BUILTIN_EAGLE, target))
+    if name == "streams":
+        return StreamDrafter(StreamEmbeddings.from_pretrained(BUILTIN_STREAMS, target))
     if name == "ngram":
         return NGramDrafter(memory=BUILTIN_MEMORY)
     draft = ModelDrafter(load_model(DEFAULT_DRAFTS[target_name], dtype=dtype)[0])

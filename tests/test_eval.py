@@ -18,11 +18,13 @@ from tiny import tiny_model
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 import heads.eagle
+import heads.streams
 from eval import spec_bench
 from eval.report import acceptance_by_depth, read_answers, steps_with_at_most, tokens_per_second
 from eval.run import in_turns, run, select_questions
 from heads.eagle import EagleHead
 from heads.medusa import MedusaHeads
+from heads.streams import StreamEmbeddings
 from specdec.drafters import NGramMemory
 from specdec.models import ASSETS, BUILTIN_DRAFT
 
@@ -370,3 +372,22 @@ def test_eagle_methods_run_a_head_and_say_when_the_built_in_one_is_missing(setup
     monkeypatch.setattr(heads.eagle, "ASSETS", tmp_path)  # as before the built-in head is trained
     with pytest.raises(FileNotFoundError, match=r"training\.train_eagle"):
         run(config(setup, few=True, methods="[baseline,eagle]", extra=(f"out_dir={setup[3] / 'no-eagle'}",)))
+
+
+def test_stream_methods_run_streams_and_say_when_the_built_in_ones_are_missing(setup, monkeypatch, tmp_path):
+    target = LlamaForCausalLM.from_pretrained(setup[0])
+    StreamEmbeddings.for_model(target, 3).save_pretrained(setup[3] / "streams")
+    memory = NGramMemory()
+    memory.check(target)
+    memory.save_pretrained(setup[3] / "streams-memory")
+    extra = (
+        f"out_dir={setup[3] / 'streams-run'}",
+        f"stream_embeddings={setup[3] / 'streams'}",
+        f"ngram_memory={setup[3] / 'streams-memory'}",
+    )
+    summary = run(config(setup, few=True, methods="[baseline,streams,streams_ngram]", extra=extra))["methods"]
+    for method in ("streams", "streams_ngram"):
+        assert summary[method]["identical_share"] == 1.0 and summary[method]["questions"] == len(FEW)
+    monkeypatch.setattr(heads.streams, "ASSETS", tmp_path)  # as before the built-in streams are trained
+    with pytest.raises(FileNotFoundError, match=r"training\.train_streams"):
+        run(config(setup, few=True, methods="[baseline,streams]", extra=(f"out_dir={setup[3] / 'no-streams'}",)))
