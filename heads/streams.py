@@ -9,6 +9,10 @@ stays frozen and unmodified (the streams enter through `inputs_embeds`, a 4D mas
 Speculative Streaming (Bhendawade et al. 2024, arXiv 2402.11131, which also fine-tunes the model), as PaSS's
 look-ahead embeddings (Monea et al. 2023, arXiv 2311.13581).
 
+Optionally (`head_layers > 0`) each stream's final hidden state passes through its own residual blocks before the
+target's LM head, as a Medusa head does (zero-initialised: untrained, they are the LM head itself): the target's
+computation at the stream position, plus a little of our own. Drafting only: verification never sees them.
+
 Saved like the Medusa heads: `stream_config.json` + `stream_embeddings.safetensors`, with the base model's name,
 sizes and weight fingerprint, checked on load.
 """
@@ -24,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from heads.medusa import ResBlock
 from specdec.devices import execution_device, vocab_size
 from specdec.models import ASSETS, fingerprint, same_fingerprint
 
@@ -42,6 +47,7 @@ class StreamConfig:
         base_model: the base model's name (informational); base_fingerprint: `fingerprint(base model)`.
         choices: the recommended static tree shape (Medusa's format: candidate ranks per depth), measured on
             held-out answers after training; None: each stream's top candidate.
+        head_layers: residual blocks per stream between its final hidden state and the LM head (0: none).
     """
 
     num_streams: int = 4
@@ -50,6 +56,7 @@ class StreamConfig:
     base_model: str = ""
     base_fingerprint: list[float] = field(default_factory=list)
     choices: list[list[int]] | None = None
+    head_layers: int = 0
 
 
 class StreamEmbeddings(nn.Module):
@@ -65,13 +72,28 @@ class StreamEmbeddings(nn.Module):
         super().__init__()
         self.config = config
         self.embeds = nn.Parameter(torch.zeros(config.num_streams, config.hidden_size))
+        blocks = [
+            nn.Sequential(*(ResBlock(config.hidden_size) for _ in range(config.head_layers))) for _ in self.embeds
+        ]
+        self.heads = nn.ModuleList(blocks) if config.head_layers else None
+
+    def logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """`[..., k, V]` each stream's next-token logits from the target's final hidden states at the streams
+        (`[..., k, H]`): through the stream's residual blocks, if any, then `lm_head` (the target's)."""
+        if self.heads is not None:
+            hidden = hidden.to(self.embeds.dtype)
+            hidden = torch.stack([head(hidden[..., j, :]) for j, head in enumerate(self.heads)], dim=-2)
+        return lm_head(hidden.to(lm_head.weight.dtype))
 
     @classmethod
-    def for_model(cls, model: PreTrainedModel, num_streams: int = 4, name: str = "") -> StreamEmbeddings:
+    def for_model(
+        cls, model: PreTrainedModel, num_streams: int = 4, head_layers: int = 0, name: str = ""
+    ) -> StreamEmbeddings:
         """Untrained streams for `model`, each starting as its mean input embedding (a token-like input)."""
         text = model.config.get_text_config()
         config = StreamConfig(
             num_streams=num_streams,
+            head_layers=head_layers,
             hidden_size=text.hidden_size,
             vocab_size=vocab_size(model),
             base_model=name or getattr(model.config, "name_or_path", "") or type(model).__name__,
@@ -107,7 +129,9 @@ class StreamEmbeddings(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        save_file({"embeds": self.embeds.detach().float().contiguous().cpu()}, directory / WEIGHTS_FILE)
+        save_file(
+            {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}, directory / WEIGHTS_FILE
+        )
         return directory
 
     @classmethod

@@ -104,7 +104,7 @@ def decode(
     with verify.aux_hidden_states(parts.target, layers) as aux:
         cache, hidden = verify.prefill(parts.target, prompt[:, :-1], output_hidden_states=keep_hidden)
     features = aux[-1][0] if aux else None  # [L-1, k*H]: the prompt's, but its last token's
-    stream_logits = None  # [k, V]: the target's predictions past the root, when the last step streamed its node
+    stream_states = None  # [k, H]: the target's states at the streams below the node that chose the root, if any
     stats.prefill_time, stats.target_forwards = verify.wall_time(parts.target) - tic, int(prompt.shape[1] > 1)
 
     while True:
@@ -112,24 +112,25 @@ def decode(
         plan = parts.controller.plan() if parts.controller else None
         step_time = parts.controller.plain_step_time() if parts.controller else None
         state = _state(ids[:, : len(tokens)], room, plan, limits.sampling, generator, hidden, step_time, features)
-        state = replace(state, streams=stream_logits)
+        state = replace(state, streams=stream_states)
         if plan is not None and not plan.speculate and parts.drafter.free:  # opportunistic: free sources only
             depth = min(room - 1, parts.controller.config.max_depth)
             state = replace(state, max_depth=depth, budget=None, free_only=True)
+        asked = state  # what the drafter is asked for: the plan less the streams
         if (reserve := parts.drafter.stream_budget(state)) and state.budget is not None:  # streams are tokens too
-            state = replace(state, budget=max(state.budget - reserve, 1))
+            asked = replace(state, budget=max(state.budget - reserve, 1))
         tic = verify.wall_time(parts.target)
-        tree = parts.drafter.propose(state).truncate(state.max_depth).limit(state.budget)  # within the plan
+        tree = parts.drafter.propose(asked).truncate(state.max_depth).limit(asked.budget)  # within the plan
         if state.free_only and not parts.controller.pays(len(tree), tree.expected_gain):
             tree = tree.truncate(0)  # a fallback step: the free draft does not pay, take a plain step
-        streams = parts.drafter.streams(tree, state) if reserve else None
+        streams = parts.drafter.streams(tree, state) if reserve else None  # `reserve` tokens of them
         if int(tree.tokens[0]) != state.root:
             raise RuntimeError(f"{type(parts.drafter).__name__} proposed a tree not rooted at the last token")
         distributed.check_same_tree(tree)  # tensor parallelism: every rank verifies the same tree, or an error
         toc = verify.wall_time(parts.target)
         catchup = parts.drafter.catchup_time
         with (
-            verify.final_hidden_states(parts.target) if keep_hidden else _no_capture() as final,
+            verify.final_hidden_states(parts.target) if keep_hidden or streams else _no_capture() as final,
             verify.aux_hidden_states(parts.target, layers) as aux,
         ):
             logits = verify.forward_tree(parts.target, cache, tree, streams=streams).logits[0]  # [N (+ S), V]
@@ -144,7 +145,7 @@ def decode(
         accepted = accept(parts.typical, tree, logits[: len(tree)], limits.sampling, generator)
         kv.keep_path(cache, len(tokens) - 1, accepted.path)  # the streams' entries go with the rejected nodes
         rows = streams.rows(accepted.path[-1], len(tree)) if streams else None
-        stream_logits = logits[rows] if rows else None
+        stream_states = final[-1][0, rows] if rows else None
         if keep_hidden:  # the state after the last accepted node: its LM head gave the bonus token
             hidden = final[-1][0, accepted.path[-1]]
         if layers:  # the states of the positions the cache kept: the accepted path

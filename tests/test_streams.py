@@ -23,10 +23,14 @@ PROMPT = torch.tensor([[3, 4, 5, 6, 7, 3, 4, 5, 9, 10]])
 TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1)]
 
 
-def random_streams(target, k: int = 3, scale: float = 1.0, seed: int = 0) -> StreamEmbeddings:
-    streams = StreamEmbeddings.for_model(target, k)
+def random_streams(target, k: int = 3, scale: float = 1.0, seed: int = 0, head_layers: int = 0) -> StreamEmbeddings:
+    streams = StreamEmbeddings.for_model(target, k, head_layers)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        streams.embeds.add_(scale * torch.randn(streams.embeds.shape, generator=torch.Generator().manual_seed(seed)))
+        for param in streams.parameters():
+            param.add_(
+                scale * torch.randn(param.shape, generator=gen) / (param.shape[-1] ** 0.5 if param.dim() > 1 else 1)
+            )
     return streams.eval()
 
 
@@ -70,7 +74,8 @@ def test_training_forward_is_the_verifiers():
     ids = torch.randint(3, VOCAB, (14,), generator=torch.Generator().manual_seed(2))
     anchors = torch.tensor([5, 9, 11])
     with torch.no_grad():
-        context, predicted = train_streams.stream_forward(target, ids, anchors, streams.embeds)
+        context, states = train_streams.stream_forward(target, ids, anchors, streams.embeds)
+        predicted = streams.logits(states, target.get_output_embeddings())  # no blocks: the target's own logits
         torch.testing.assert_close(context, target(ids[None]).logits[0], rtol=1e-5, atol=1e-5)
         for i, a in enumerate(anchors.tolist()):
             cache, _ = verify.prefill(target, ids[None, :a])
@@ -100,6 +105,8 @@ def test_drafter_builds_the_next_tree_from_the_streams_and_splits_the_budget():
     target = tiny_model("llama")
     drafter = StreamDrafter(random_streams(target, k=3), choices=TREE, max_streamed=2)
     drafter.start(target)
+    drafter._lm_head = torch.nn.Linear(VOCAB, VOCAB, bias=False)  # states that are their own logits, for the test
+    torch.nn.init.eye_(drafter._lm_head.weight)
     logits = torch.full((3, VOCAB), -10.0)
     for stream, first in enumerate((20, 30, 40)):  # stream j's ranked candidates for depth j
         logits[stream, [first, first + 1, first + 2]] = torch.tensor([3.0, 2.0, 1.0])
@@ -120,10 +127,11 @@ def test_drafter_builds_the_next_tree_from_the_streams_and_splits_the_budget():
     assert streams.nodes == tuple(sorted(range(3), key=lambda i: -ending[i])[:2])
 
 
-@pytest.mark.parametrize(("arch", "shape"), [(a, s) for a in ARCHS for s in ("chain", "tree")])
+@pytest.mark.parametrize(("arch", "shape"), [(a, s) for a in ARCHS for s in ("chain", "tree", "tree, blocks")])
 def test_random_streams_greedy_equality(arch, shape):
     target = tiny_model(arch)
-    drafter = StreamDrafter(random_streams(target), choices=None if shape == "chain" else TREE)
+    streams = random_streams(target, head_layers=int(shape == "tree, blocks"))
+    drafter = StreamDrafter(streams, choices=None if shape == "chain" else TREE)
     tokens, expected, stats = greedy(target, drafter)
     assert tokens == expected
     assert max(stats.tree_sizes) > 1 + 3  # trees were drafted from the streams, not only the root and its streams
@@ -145,10 +153,10 @@ def trained(tmp_path_factory):
             },
         }
     )  # fmt: skip
-    streams = StreamEmbeddings.for_model(target, 3)
-    before = train_streams.heldout_accuracy(streams, target, rows, 4, None)
-    log = train_streams.train(cfg, streams, target, rows, tmp_path_factory.mktemp("streams") / "ckpt")
-    after = train_streams.heldout_accuracy(streams, target, rows, 4, None)
+    streams, lm_head = StreamEmbeddings.for_model(target, 3), target.get_output_embeddings()
+    before = train_streams.heldout_accuracy(streams, target, lm_head, rows, 4, None)
+    log = train_streams.train(cfg, streams, target, lm_head, rows, tmp_path_factory.mktemp("streams") / "ckpt")
+    after = train_streams.heldout_accuracy(streams, target, lm_head, rows, 4, None)
     return target, streams.eval(), before, after, log
 
 
@@ -173,6 +181,8 @@ def test_trained_streams_greedy_equality_and_acceptance(trained, control):
         assert tokens == expected
         if control:  # on a tiny model verification grows with every token: the controller soon falls back
             assert max(stats.tree_sizes) > 1 + 3 and stats.fallback_steps > 0
+            for plan, size in zip(stats.plans, stats.tree_sizes, strict=True):  # streams count in the plan's budget
+                assert size <= 1 + (max(plan["budget"], 1 + 3) if plan["speculate"] else 0)
         else:
             assert max(stats.accept_lengths) > 1  # drafts from the streams were accepted
 
@@ -217,12 +227,40 @@ def test_streams_sample_the_target_distribution():
 # ---------------------------------------------------------------- save, load, refusals
 
 
+def test_untrained_blocks_are_the_lm_head_and_blocks_learn(tmp_path):
+    target = tiny_model("llama", initializer_range=0.1)
+    rows = [r | {"source": "tiny"} for r in self_distilled_rows(target, 6, seed=0)]
+    plain, blocks = random_streams(target), StreamEmbeddings.for_model(target, 3, head_layers=1)
+    with torch.no_grad():
+        blocks.embeds.copy_(plain.embeds)
+        hidden = torch.randn(5, 3, 64)
+        lm_head = target.get_output_embeddings()
+        torch.testing.assert_close(blocks.logits(hidden, lm_head), plain.logits(hidden, lm_head))
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "train": {
+                "anchors": 16, "step_decay": 0.8, "soft": 0.5, "epochs": 4, "max_steps": None, "lr": 5e-2,
+                "head_lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.0, "grad_accum": 1, "checkpoint_every": 10_000,
+                "log_every": 4,
+            },
+        }
+    )  # fmt: skip
+    before = train_streams.heldout_accuracy(blocks, target, lm_head, rows, 4, None)["chain"]["overall"]
+    train_streams.train(cfg, blocks, target, lm_head, rows, tmp_path / "ckpt")
+    after = train_streams.heldout_accuracy(blocks, target, lm_head, rows, 4, None)["chain"]["overall"]
+    assert after[0] > before[0] + 0.1, (before, after)
+    assert any(p.abs().sum() > 0 for p in blocks.heads.parameters())  # the blocks were trained, not only the vectors
+
+
 def test_save_load_round_trip_and_wrong_model_errors(tmp_path):
     target = tiny_model("llama")
-    streams = random_streams(target)
+    streams = random_streams(target, head_layers=1)
     streams.save_pretrained(tmp_path / "s")
     loaded = StreamEmbeddings.from_pretrained(tmp_path / "s", target)
-    torch.testing.assert_close(loaded.embeds, streams.embeds)
+    assert loaded.config == streams.config
+    for (name, value), (_, expected) in zip(loaded.state_dict().items(), streams.state_dict().items(), strict=True):
+        torch.testing.assert_close(value, expected, msg=name)
     with pytest.raises(ValueError, match="fingerprint mismatch"):
         StreamEmbeddings.from_pretrained(tmp_path / "s", tiny_model("llama", seed=5))
     with pytest.raises(ValueError, match="hidden size"):

@@ -8,7 +8,8 @@
    its distribution, weight `train.soft`, and against its top-1, the rest; stream `j` weighted `step_decay**(j-1)`),
    the n-gram prediction objective of Speculative Streaming with the model frozen.
    The labels come from the same forward (the conversation's rows do not see the streams), and gradients reach
-   only the `k x hidden` stream vectors.
+   only the `k x hidden` stream vectors (and the streams' residual blocks, `streams.head_layers`, between their
+   final hidden states and the target's frozen LM head).
 3. report: on held-out answers, each stream's rank accuracies, the chain's acceptance per depth (streams `1..j`
    all the target's top-1), the best static tree for `train.tree_budget` nodes (saved as the streams' `choices`);
    the streams (`save_pretrained`), `metrics.json` and a README to `output_dir`.
@@ -34,7 +35,7 @@ from heads.streams import StreamEmbeddings
 from specdec import verify
 from specdec.models import load_model
 from specdec.tree import best_choices
-from training.common import optimizer_and_schedule, train_loop
+from training.common import frozen_copy, optimizer_and_schedule, train_loop
 from training.data import reproduce_command, resolve_device, split_heldout
 from training.mix import mix_counts, mix_rows, mix_table, task_of
 
@@ -57,22 +58,23 @@ def stream_mask(length: int, anchors: torch.Tensor, k: int, dtype: torch.dtype) 
 
 
 def stream_forward(model, input_ids: torch.Tensor, anchors: torch.Tensor, embeds: torch.Tensor):
-    """The target's logits over a conversation (`input_ids` `[T]`) and at `k` streams after each of `anchors` (`[P]`),
-    in one forward: `([T, V], [P, k, V])`. Position ids `a + j` for stream `j` of anchor `a`, as the verifier gives
-    them; no cache."""
+    """In one forward, the target's logits over a conversation (`input_ids` `[T]`) and its final hidden states (the
+    LM head's input) at `k` streams after each of `anchors` (`[P]`): `([T, V], [P, k, H])`. Position ids `a + j` for
+    stream `j` of anchor `a`, as the verifier gives them; no cache."""
     device = verify.input_device(model)
     length, k = len(input_ids), embeds.shape[0]
     tokens = model.get_input_embeddings()(input_ids.to(device))  # [T, H]
     extra = embeds.to(device=tokens.device, dtype=tokens.dtype).repeat(len(anchors), 1)  # [P*k, H]
     positions = torch.cat([torch.arange(length), (anchors[:, None] + torch.arange(1, k + 1)).flatten()])
     mask = stream_mask(length, anchors, k, verify.compute_dtype(model))
-    logits = model(
-        inputs_embeds=torch.cat([tokens, extra])[None],
-        attention_mask=mask.to(device),
-        position_ids=positions[None].to(device),
-        use_cache=False,
-    ).logits[0]
-    return logits[:length], logits[length:].view(len(anchors), k, -1)
+    with verify.final_hidden_states(model) as hidden:
+        logits = model(
+            inputs_embeds=torch.cat([tokens, extra])[None],
+            attention_mask=mask.to(device),
+            position_ids=positions[None].to(device),
+            use_cache=False,
+        ).logits[0]
+    return logits[:length], hidden[-1][0, length:].view(len(anchors), k, -1)
 
 
 def answer_anchors(row: dict, count: int | None, seed: int) -> torch.Tensor:
@@ -85,12 +87,13 @@ def answer_anchors(row: dict, count: int | None, seed: int) -> torch.Tensor:
     return torch.tensor(positions, dtype=torch.long)
 
 
-def stream_loss(model, streams: StreamEmbeddings, row: dict, anchors: torch.Tensor, decay: float, soft: float):
+def stream_loss(model, streams: StreamEmbeddings, lm_head, row: dict, anchors: torch.Tensor, decay: float, soft: float):
     """Each stream's cross-entropy against the target's distribution it stands for (weight `soft`) and against its
     top-1, the token greedy verification accepts (weight `1 - soft`), and per stream the top-1 hits `(hits, count)`;
     positions past the conversation's end are left out."""
     input_ids = torch.tensor(row["prompt_ids"] + row["answer_ids"])
-    context, predicted = stream_forward(model, input_ids, anchors, streams.embeds)
+    context, states = stream_forward(model, input_ids, anchors, streams.embeds)
+    predicted = streams.logits(states, lm_head)  # [P, k, V]
     length = len(input_ids)
     loss, stats = torch.zeros((), device=predicted.device), []
     for j in range(1, streams.config.num_streams + 1):
@@ -120,24 +123,29 @@ def extra_rows(directories: list[str]) -> list[dict]:
 # ---------------------------------------------------------------- training and report
 
 
-def train(cfg: DictConfig, streams: StreamEmbeddings, target, rows: list[dict], ckpt_dir: Path) -> list[dict]:
+def train(cfg: DictConfig, streams: StreamEmbeddings, target, lm_head, rows: list[dict], ckpt_dir: Path) -> list[dict]:
     """The streams on `rows` (one conversation per forward, `grad_accum` per update); resumes from `ckpt_dir`."""
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum)
     order = [r for e in range(cfg.train.epochs) for r in random.Random(cfg.seed + e).sample(rows, len(rows))]
-    optimizer, scheduler, steps = optimizer_and_schedule(cfg, streams.parameters(), len(order))
+    groups = [{"params": [streams.embeds]}]  # the vectors at train.lr, the blocks (if any) at train.head_lr
+    if streams.heads is not None:
+        groups.append({"params": list(streams.heads.parameters()), "lr": cfg.train.head_lr})
+    optimizer, scheduler, steps = optimizer_and_schedule(cfg, groups, len(order))
     streams, optimizer, scheduler = accelerator.prepare(streams, optimizer, scheduler)
     model = accelerator.unwrap_model(streams)
 
     def step(index: int) -> tuple[torch.Tensor, list[float], int]:
         anchors = answer_anchors(order[index], cfg.train.anchors, cfg.seed + index)
-        loss, stats = stream_loss(target, model, order[index], anchors, cfg.train.step_decay, cfg.train.soft)
+        loss, stats = stream_loss(target, model, lm_head, order[index], anchors, cfg.train.step_decay, cfg.train.soft)
         return loss, [h / max(n, 1) for h, n in stats], len(anchors)
 
     return train_loop(cfg, accelerator, streams, optimizer, scheduler, steps, step, ckpt_dir, "streams")
 
 
 @torch.no_grad()
-def heldout_accuracy(streams: StreamEmbeddings, target, rows: list[dict], topk: int, anchors: int | None) -> dict:
+def heldout_accuracy(
+    streams: StreamEmbeddings, target, lm_head, rows: list[dict], topk: int, anchors: int | None
+) -> dict:
     """On held-out answers: `rank_accuracy` `[k, topk]` (stream `j`'s rank-`r` candidate is the target's top-1) and
     the chain's acceptance per depth, overall and per task type (`chain`: `{"overall": [...], task: [...]}`)."""
     k = streams.config.num_streams
@@ -148,7 +156,8 @@ def heldout_accuracy(streams: StreamEmbeddings, target, rows: list[dict], topk: 
         if not len(points):
             continue
         input_ids = torch.tensor(row["prompt_ids"] + row["answer_ids"])
-        context, predicted = stream_forward(target, input_ids, points, streams.embeds)
+        context, states = stream_forward(target, input_ids, points, streams.embeds)
+        predicted = streams.logits(states, lm_head)  # [P, k, V]
         labels = context.argmax(-1).cpu()  # [T]: the target's next token at each row
         top = predicted.topk(topk, dim=-1).indices.cpu()  # [P, k, topk]
         chain = torch.ones(len(points), dtype=torch.bool)
@@ -177,11 +186,12 @@ def main(cfg: DictConfig) -> None:
     rows = mix_rows(cfg, target, tokenizer, Path(cfg.data_cache)) + extra_rows(cfg.data.get("extra_answers") or [])
     train_rows, heldout_rows = split_heldout(rows, cfg.data.heldout)
     print(f"{len(train_rows)} training conversations, {len(heldout_rows)} held out")
-    streams = StreamEmbeddings.for_model(target, cfg.streams.num_streams, name=cfg.target).float()
+    streams = StreamEmbeddings.for_model(target, cfg.streams.num_streams, cfg.streams.head_layers, cfg.target).float()
+    lm_head = frozen_copy(target.get_output_embeddings()).to(verify.input_device(target))
     topk = cfg.train.topk
-    before = heldout_accuracy(streams, target, heldout_rows, topk, cfg.train.heldout_anchors)
-    log = train(cfg, streams, target, train_rows, work / "checkpoints")
-    after = heldout_accuracy(streams, target, heldout_rows, topk, cfg.train.heldout_anchors)
+    before = heldout_accuracy(streams, target, lm_head, heldout_rows, topk, cfg.train.heldout_anchors)
+    log = train(cfg, streams, target, lm_head, train_rows, work / "checkpoints")
+    after = heldout_accuracy(streams, target, lm_head, heldout_rows, topk, cfg.train.heldout_anchors)
     choices = best_choices(after["rank_accuracy"], cfg.train.tree_budget)
     streams.config = dataclasses.replace(streams.config, choices=[list(c) for c in choices])
 
@@ -206,7 +216,9 @@ def main(cfg: DictConfig) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (work / "train_log.json").write_text(json.dumps(log, indent=1))
     (out / "README.md").write_text(
-        f"# {out.name}\n\n{streams.config.num_streams} stream embeddings ({metrics['parameters']:,} parameters) for "
+        f"# {out.name}\n\n{streams.config.num_streams} stream embeddings"
+        + (f" with {streams.config.head_layers} residual block(s) each" if streams.config.head_layers else "")
+        + f" ({metrics['parameters']:,} parameters) for "
         f"`{cfg.target}`, trained by `training/train_streams.py` with the target frozen: speculative streaming "
         f"through `specdec.drafters.StreamDrafter`, lossless.\n\nReproduce: `{command}`\n\n"
         f"Held-out chain acceptance per depth ({len(heldout_rows)} answers; streams 1..j all the target's top-1; "

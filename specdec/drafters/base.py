@@ -40,9 +40,9 @@ class DecodeState:
             last step: positions `L-1-T .. L-2` of `tokens` (`L = tokens.shape[1]`), i.e. the prompt but its
             last token at the first step, then the last tree's accepted path (its root and accepted nodes).
             None otherwise or when the prompt had a single token.
-        streams: `[k, V]` the target's logits at the `k` streams (`Drafter.streams`) it scored below the node that
-            chose the root, in the last verification forward: its own predictions of the tokens 1 .. k past the
-            root. None when that node carried no streams (or there was no such forward).
+        streams: `[k, H]` the target's final hidden states (its LM head's input) at the `k` streams
+            (`Drafter.streams`) it scored below the node that chose the root, in the last verification forward: what
+            its predictions of the tokens 1 .. k past the root come from. None when that node carried no streams.
     """
 
     tokens: torch.Tensor  # [1, L]
@@ -55,7 +55,7 @@ class DecodeState:
     step_time: float | None = None
     free_only: bool = False
     features: torch.Tensor | None = None  # [T, k*H]
-    streams: torch.Tensor | None = None  # [k, V]
+    streams: torch.Tensor | None = None  # [k, H]
 
     @property
     def min_score(self) -> float:

@@ -17,10 +17,11 @@ if TYPE_CHECKING:
 
 class StreamDrafter(Drafter):
     """Drafts with no draft model and no draft pass: each verification forward also scores `k` stream tokens below a
-    few tree nodes, and those below the node that ends the accepted path predict the next `k` tokens past the bonus
-    token (`heads/streams.py`). The next tree is built from them as from Medusa heads: stream `j`'s top candidates
-    fill depth `j` of a static shape (`choices`), each node scored by the sum of its streams' log-probabilities,
-    trimmed to the plan's budget and threshold. Candidates are deterministic proposals, so sampling stays exact.
+    few tree nodes, and the target's states at those below the node that ends the accepted path predict the next `k`
+    tokens past the bonus token (`heads/streams.py`: the target's LM head, after the streams' own blocks if any). The
+    next tree is built from them as from Medusa heads: stream `j`'s top candidates fill depth `j` of a static shape
+    (`choices`), each node scored by the sum of its streams' log-probabilities, trimmed to the plan's budget and
+    threshold. Candidates are deterministic proposals, so sampling stays exact.
 
     Which nodes carry streams: those most likely to end the accepted path, by the tree's scores (a node's path
     probability less its children's). How many: the plan's node budget pays for them (a stream is a token of the
@@ -53,10 +54,12 @@ class StreamDrafter(Drafter):
         if max_streamed < 1:
             raise ValueError(f"max_streamed must be at least 1, got {max_streamed}")
         self.embeddings, self.max_streamed = streams, max_streamed
+        self._lm_head = None
         self.topk = max(max(c) for c in self.choices) + 1
 
     def start(self, target: PreTrainedModel) -> None:
         self.embeddings.check(target)
+        self._lm_head = target.get_output_embeddings()
 
     def stream_budget(self, state: DecodeState) -> int:
         if state.max_depth < 1 or state.free_only:  # a plain step, or a fallback step's free drafts
@@ -75,7 +78,8 @@ class StreamDrafter(Drafter):
     def propose(self, state: DecodeState) -> TokenTree:
         if state.max_depth < 1 or state.streams is None:
             return TokenTree.chain(state.root)
-        top_lp, top = torch.log_softmax(state.streams.float(), dim=-1).topk(self.topk, dim=-1)  # [k, topk]
+        logits = self.embeddings.logits(state.streams, self._lm_head)  # [k, V]
+        top_lp, top = torch.log_softmax(logits.float(), dim=-1).topk(self.topk, dim=-1)  # [k, topk]
         choices = [c for c in self.choices if len(c) <= state.max_depth]
         tree = TokenTree.from_choices(state.root, choices, top.cpu(), top_lp.cpu())
         return trim(tree, state)
