@@ -39,3 +39,13 @@ def test_training_configs_never_train_on_evaluation_prompts(name):
         cfg = compose(config_name=name, return_hydra_config=True)
     sources = [*cfg.data.sources, *(cfg.data.get("teacher_forced") or {})]
     assert sources and not [s for s in sources if s.startswith("dev_") or "humaneval" in s]
+
+
+def test_the_long_context_mix_has_every_key_of_the_mix_and_its_generation_settings():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        mix = compose(config_name="mix").data
+        long = compose(config_name="mix", overrides=["data=long_context"]).data
+    assert set(long) == set(mix)
+    settings = ("max_prompt_tokens", "max_new_tokens", "gen_batch_size", "gen_dtype", "topk")
+    assert [long[k] for k in settings] == [mix[k] for k in settings]  # the same answers for the same prompts
+    assert not long.sources and set(long.t0) == {"summarization", "context_qa"}

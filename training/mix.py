@@ -16,6 +16,11 @@ used, nor anything equal to one of its turns):
 `mix_rows(cfg, target, tokenizer, shard_dir)` makes (or reads back) every answer in resumable shards under
 `shard_dir` (one folder per round: a conversation's turn k needs the target's answer to turn k-1), and
 `mix_table(rows)` reports prompts and answer tokens per task type.
+
+Run `.venv/bin/python -m training.mix [overrides]` (config: conf/mix.yaml) to make the answers alone, e.g. in the
+background of other work or on a GPU machine, before a training app reads them; `data=long_context` makes only
+the long-context tasks' (summarization and question answering over passages, which the shortest-first cap
+`data.max_generated_batches` leaves out).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import math
 import random
 from pathlib import Path
 
+import hydra
 from omegaconf import DictConfig
 
 from training.data import collect_prompts, evaluation_prompts, generate_answers
@@ -188,3 +194,20 @@ def _read_dialogs(path: str) -> tuple[dict, ...]:
 
 def _assistant(tokenizer, answer_ids: list[int]) -> dict:
     return {"role": "assistant", "content": tokenizer.decode(answer_ids, skip_special_tokens=True).strip()}
+
+
+@hydra.main(config_path="../conf", config_name="mix", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from specdec.models import load_model  # here: the module's functions are used without loading a model
+    from training.data import resolve_device
+
+    target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)
+    target = target.to(resolve_device(cfg.device)).eval()
+    rows = mix_rows(cfg, target, tokenizer, Path(cfg.data_cache))
+    table = mix_table(rows)
+    (Path(cfg.data_cache) / "mix.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
