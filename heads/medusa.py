@@ -73,20 +73,24 @@ class MedusaConfig:
     draft_vocab: int = 0
 
 
-def check_base(config: MedusaConfig, model: PreTrainedModel) -> None:
-    """Raises ValueError unless `model` is the model the heads were trained for."""
+def check_base(
+    config, model: PreTrainedModel, what: str = "Medusa heads", app: str = "train_medusa", noun: str = "heads"
+) -> None:
+    """Raises ValueError unless `model` is the model the heads were trained for. `config` is any head config with
+    `hidden_size`, `vocab_size`, `base_model` and `base_fingerprint` (`MedusaConfig`, `StreamConfig`); `what`, `app`
+    and `noun` name the heads and their training app in the errors."""
     text = model.config.get_text_config()
     sizes = (text.hidden_size, vocab_size(model))
     if sizes != (config.hidden_size, config.vocab_size):
         raise ValueError(
-            f"these Medusa heads were trained for {config.base_model!r} (hidden size {config.hidden_size}, "
+            f"these {what} were trained for {config.base_model!r} (hidden size {config.hidden_size}, "
             f"vocabulary {config.vocab_size}), not for this model (hidden size {sizes[0]}, vocabulary "
-            f"{sizes[1]}); train heads for it with training/train_medusa.py"
+            f"{sizes[1]}); train {noun} for it with training/{app}.py"
         )
     if not same_fingerprint(config.base_fingerprint, fingerprint(model)):
         raise ValueError(
-            f"these Medusa heads were trained for {config.base_model!r}, and this model's weights differ from "
-            f"it (fingerprint mismatch); train heads for this model with training/train_medusa.py"
+            f"these {what} were trained for {config.base_model!r}, and this model's weights differ from "
+            f"it (fingerprint mismatch); train {noun} for this model with training/{app}.py"
         )
 
 

@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from heads.medusa import ResBlock
+from heads.medusa import ResBlock, check_base
 from specdec.devices import execution_device, vocab_size
-from specdec.models import ASSETS, fingerprint, same_fingerprint
+from specdec.models import ASSETS, fingerprint
 
 CONFIG_FILE = "stream_config.json"
 WEIGHTS_FILE = "stream_embeddings.safetensors"
@@ -111,19 +111,7 @@ class StreamEmbeddings(nn.Module):
 
     def check(self, model: PreTrainedModel) -> None:
         """Raises ValueError unless `model` is the model the streams were trained for."""
-        config, text = self.config, model.config.get_text_config()
-        sizes = (text.hidden_size, vocab_size(model))
-        if sizes != (config.hidden_size, config.vocab_size):
-            raise ValueError(
-                f"these stream embeddings were trained for {config.base_model!r} (hidden size {config.hidden_size}, "
-                f"vocabulary {config.vocab_size}), not for this model (hidden size {sizes[0]}, vocabulary "
-                f"{sizes[1]}); train streams for it with training/train_streams.py"
-            )
-        if not same_fingerprint(config.base_fingerprint, fingerprint(model)):
-            raise ValueError(
-                f"these stream embeddings were trained for {config.base_model!r}, and this model's weights differ "
-                f"from it (fingerprint mismatch); train streams for this model with training/train_streams.py"
-            )
+        check_base(self.config, model, "stream embeddings", "train_streams", "streams")
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)

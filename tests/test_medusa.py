@@ -30,10 +30,12 @@ def random_heads(target, num_heads: int = 4, scale: float = 0.05, **kwargs) -> M
     return heads.eval()
 
 
-def greedy(target, drafter, n: int = 40, controller=None) -> tuple[list[int], list[int], specdec.SpecStats]:
-    expected = target.generate(PROMPT, max_new_tokens=n, do_sample=False, eos_token_id=None)[0].tolist()
+def greedy(
+    target, drafter, n: int = 40, controller=None, prompt: torch.Tensor = PROMPT
+) -> tuple[list[int], list[int], specdec.SpecStats]:
+    expected = target.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=None)[0].tolist()
     gen = specdec.SpeculativeGenerator(target, drafter, controller=controller)
-    out = gen.generate(PROMPT, max_new_tokens=n, eos_token_id=None, return_dict_in_generate=True)
+    out = gen.generate(prompt, max_new_tokens=n, eos_token_id=None, return_dict_in_generate=True)
     return out.sequences[0].tolist(), expected, out.spec_stats
 
 

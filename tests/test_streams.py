@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_medusa import self_distilled_rows
+from test_medusa import PROMPT, greedy, self_distilled_rows
 from test_sampling import V, chi_square, tiny_pair
 from tiny import ARCHS, VOCAB, tiny_model
 
@@ -19,7 +19,6 @@ from specdec.sampling import Sampling
 from specdec.tree import Streams, TokenTree
 from training import train_streams
 
-PROMPT = torch.tensor([[3, 4, 5, 6, 7, 3, 4, 5, 9, 10]])
 TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1)]
 
 
@@ -32,13 +31,6 @@ def random_streams(target, k: int = 3, scale: float = 1.0, seed: int = 0, head_l
                 scale * torch.randn(param.shape, generator=gen) / (param.shape[-1] ** 0.5 if param.dim() > 1 else 1)
             )
     return streams.eval()
-
-
-def greedy(target, drafter, n: int = 40, controller=None, prompt=PROMPT):
-    expected = target.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=None)[0].tolist()
-    gen = specdec.SpeculativeGenerator(target, drafter, controller=controller)
-    out = gen.generate(prompt, max_new_tokens=n, eos_token_id=None, return_dict_in_generate=True)
-    return out.sequences[0].tolist(), expected, out.spec_stats
 
 
 # ---------------------------------------------------------------- the forward

@@ -35,7 +35,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from training.data import collect_prompts, evaluation_prompts, generate_answers
+from specdec.models import load_model
+from training.data import collect_prompts, evaluation_prompts, generate_answers, resolve_device
 
 DIALOGS = "dialog_sgd_taskmaster4.jsonl.gz"
 TO_GERMAN = "Translate English to German: "
@@ -198,9 +199,6 @@ def _assistant(tokenizer, answer_ids: list[int]) -> dict:
 
 @hydra.main(config_path="../conf", config_name="mix", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from specdec.models import load_model  # here: the module's functions are used without loading a model
-    from training.data import resolve_device
-
     target, tokenizer = load_model(cfg.target, dtype=cfg.data.gen_dtype)
     target = target.to(resolve_device(cfg.device)).eval()
     rows = mix_rows(cfg, target, tokenizer, Path(cfg.data_cache))
