@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from specdec.chat import chat_input_ids, load_questions
+from specdec.cpu import tune_cpu_blas
 from specdec.drafters import Composite, Drafter, ModelDrafter, NGramDrafter
 from specdec.drafters.base import DecodeState
 from specdec.drafters.memory import BUILTIN_MEMORY
@@ -107,6 +108,7 @@ def interleaved(runs: dict, repeats: int) -> tuple[dict, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    tune_cpu_blas()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--methods", nargs="+", default=["plain", "ngram", "draft", "composite"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 from collections import defaultdict
@@ -13,6 +14,7 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from eval import spec_bench
+from specdec.cpu import cpu_vendor
 from specdec.models import ASSETS, BUILTIN_DRAFT, BUILTIN_TARGET, builtin_gguf
 
 
@@ -154,6 +156,8 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "cpu_vendor": cpu_vendor(),
+        "MKL_CBWR": os.environ.get("MKL_CBWR"),  # specdec.cpu: decides the cost of verifying trees on AMD CPUs
     }
 
 

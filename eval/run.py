@@ -31,6 +31,7 @@ from eval.methods import Method, build_methods
 from eval.report import environment, load_tokenizer, markdown, plot, read_answers, summarize
 from eval.spec_bench import categories
 from specdec.chat import answer_turns, chat_input_ids, load_questions
+from specdec.cpu import tune_cpu_blas
 from specdec.models import load_model
 
 
@@ -109,6 +110,7 @@ def warm_up(methods: dict[str, Method], tokenizer, count: int) -> None:
 
 def run(cfg: DictConfig) -> dict:
     """Answer, summarize, tabulate and plot; returns the summary (also written to `out_dir`)."""
+    tune_cpu_blas()
     out_dir = Path(cfg.out_dir)
     (out_dir / "answers").mkdir(parents=True, exist_ok=True)
     if "baseline" not in cfg.methods:

@@ -26,6 +26,7 @@ from heads.eagle import BUILTIN_EAGLE, EagleHead
 from heads.medusa import BUILTIN_HEADS, MedusaHeads
 from heads.streams import BUILTIN_STREAMS, StreamEmbeddings
 from specdec.chat import chat_input_ids, load_questions
+from specdec.cpu import tune_cpu_blas
 from specdec.drafters import (
     Composite,
     Drafter,
@@ -124,6 +125,7 @@ def summarize(results: list[dict], target_name: str, dtype: str, max_new_tokens:
 
 
 def main(argv: list[str] | None = None) -> None:
+    tune_cpu_blas()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=BUILTIN_TARGET, choices=sorted(DEFAULT_DRAFTS))
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="fp32 is token-identical")
