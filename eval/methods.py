@@ -56,6 +56,7 @@ class Result:
     new_ids: list[int]
     wall_time: float
     accept_lengths: list[int]  # empty where the method does not report them (Hugging Face's)
+    profile: dict | None = None  # specdec's: where the time went (`profile`); None for Hugging Face's methods
 
 
 Method = Callable[[torch.Tensor], Result]
@@ -153,6 +154,21 @@ def _specdec(generator: SpeculativeGenerator, settings: dict) -> Method:
         tic = time.perf_counter()
         out = generator.generate(ids, return_dict_in_generate=True, **settings)
         seconds = time.perf_counter() - tic
-        return Result(out.sequences[0, ids.shape[1] :].tolist(), seconds, out.spec_stats.accept_lengths)
+        stats = out.spec_stats
+        return Result(out.sequences[0, ids.shape[1] :].tolist(), seconds, stats.accept_lengths, profile(stats))
 
     return run
+
+
+def profile(stats) -> dict:
+    """Where one generation's time went (`SpecStats`): seconds prefilling, drafting (`catchup` of it re-reading
+    tokens accepted while the source was not asked), in verification steps (forward, acceptance, cache, commit),
+    and its steps, of which `fallback_steps` were plain steps the controller chose."""
+    return {
+        "prefill": stats.prefill_time,
+        "draft": stats.draft_time,
+        "catchup": stats.catchup_time,
+        "verify": stats.verify_time,
+        "steps": len(stats.accept_lengths),
+        "fallback_steps": stats.fallback_steps,
+    }

@@ -71,7 +71,8 @@ def summarize(
       baseline's tokens re-tokenized from its text with `tokenizer`; `eval.spec_bench.speed`);
     - `mean_accepted_length` (tokens per verification step) and `acceptance_by_depth`;
 
-    and `tokens_per_s`, `identical_share` (None for `sampled` runs, whose outputs are random draws).
+    and `tokens_per_s`, `identical_share` (None for `sampled` runs, whose outputs are random draws), and for
+    specdec's methods `time_shares` (`time_shares`: where the time went; None for the others).
     """
     base = answers[baseline]
     summary = {}
@@ -88,8 +89,36 @@ def summarize(
             "mean_accepted_length": {g: statistics.fmean(n) if n else None for g, n in lengths.items()},
             "acceptance_by_depth": {g: acceptance_by_depth(n) for g, n in lengths.items()},
             "identical_share": None if sampled else _identical(records, base, common),
+            "time_shares": {g: time_shares([records[q] for q in qids]) for g, qids in groups.items()},
         }
     return summary
+
+
+def time_shares(records: list[dict]) -> dict[str, float] | None:
+    """Shares of the records' wall time spent prefilling, drafting (less catch-up), catching up, in verification
+    steps, and elsewhere in the loop (`other`: the rest), and `fallback`: the share of steps that were plain steps
+    the controller chose. None where the records carry no `profile` (Hugging Face's methods)."""
+    turns = [
+        (wall, profile)
+        for record in records
+        for wall, profile in zip(
+            record["choices"][0]["wall_time"], record["choices"][0].get("profile") or [], strict=False
+        )
+        if profile is not None
+    ]
+    if not turns:
+        return None
+    total = {key: sum(p[key] for _, p in turns) for key in ("prefill", "draft", "catchup", "verify", "steps")}
+    wall = sum(w for w, _ in turns)
+    shares = {
+        "prefill": total["prefill"] / wall,
+        "draft": (total["draft"] - total["catchup"]) / wall,
+        "catchup": total["catchup"] / wall,
+        "verify": total["verify"] / wall,
+    }
+    shares["other"] = 1.0 - sum(shares.values())
+    shares["fallback"] = sum(p["fallback_steps"] for _, p in turns) / max(total["steps"], 1)
+    return shares
 
 
 def _accept_lengths(records: dict, qids: list[int]) -> list[int]:
@@ -178,6 +207,13 @@ def markdown(summary: dict) -> str:
         for m, s in drafting.items()
         for task, shares in s["acceptance_by_depth"].items()
     ]
+    parts = ("prefill", "draft", "catchup", "verify", "other", "fallback")
+    timed = [
+        [m, task, *(_fmt(shares[k], pct=True) for k in parts)]
+        for m, s in summary.items()
+        for task, shares in s.get("time_shares", {}).items()
+        if shares is not None
+    ]
     return "\n\n".join(
         [
             "## Speedup over plain decoding (tokens counted as generated)",
@@ -186,6 +222,8 @@ def markdown(summary: dict) -> str:
             _table(["method", *tasks], theirs),
             "## Acceptance by depth: share of verification steps that accepted at least d draft tokens",
             _table(["method", "task", "mean accepted", *(f">= {d}" for d in range(1, depth + 1))], by_depth),
+            "## Where the time went: shares of wall time (draft: less catch-up), and of steps that fell back",
+            _table(["method", "task", *parts], timed),
         ]
     )
 

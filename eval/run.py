@@ -66,8 +66,9 @@ def in_turns(questions: list[dict]) -> list[dict]:
 def answer(method: Method, tokenizer, question: dict, model_id: str) -> dict:
     """One answer record in Spec-Bench's layout (`evaluation/eval.py`): every turn answered by `method`,
     timed; `accept_lengths` one list over all turns (`decoding_steps` says how many belong to each turn),
-    `category` as Spec-Bench names it. The harness's own fields: `task`, and `token_ids` per turn."""
-    turns, new_tokens, wall_time, accept_lengths, steps, token_ids = [], [], [], [], [], []
+    `category` as Spec-Bench names it. The harness's own fields: `task`, `token_ids` per turn, and for specdec's
+    methods `profile` per turn (`eval.methods.profile`: where the time went)."""
+    turns, new_tokens, wall_time, accept_lengths, steps, token_ids, profiles = [], [], [], [], [], [], []
 
     def respond(ids: torch.Tensor) -> torch.Tensor:
         result = method(ids)
@@ -77,6 +78,7 @@ def answer(method: Method, tokenizer, question: dict, model_id: str) -> dict:
         accept_lengths.extend(result.accept_lengths)
         steps.append(len(result.accept_lengths))
         token_ids.append(result.new_ids)
+        profiles.append(result.profile)
         return torch.tensor(result.new_ids)
 
     answer_turns(tokenizer, question["turns"], respond)
@@ -90,6 +92,8 @@ def answer(method: Method, tokenizer, question: dict, model_id: str) -> dict:
         "accept_lengths": accept_lengths,
         "token_ids": token_ids,
     }
+    if any(p is not None for p in profiles):  # specdec's methods: where the time went, per turn
+        choice["profile"] = profiles
     return {
         "question_id": question["question_id"],
         "category": category,

@@ -224,6 +224,33 @@ def test_summary_recomputes_from_the_answer_files(setup, answered):
     assert "| baseline | overall | " not in md and "| hf_prompt_lookup | overall | " not in md  # nothing drafted
 
 
+def test_time_shares_say_where_specdecs_time_went(setup, answered):
+    records = lines(setup[3] / "out" / "answers" / "ngram.jsonl")
+    for record in records:  # one profile per turn, counting the turn's own steps
+        choice = record["choices"][0]
+        assert [p["steps"] for p in choice["profile"]] == choice["decoding_steps"]
+        for wall, p in zip(choice["wall_time"], choice["profile"], strict=True):
+            assert 0 <= p["catchup"] <= p["draft"] and p["prefill"] + p["draft"] + p["verify"] <= wall
+            assert 0 <= p["fallback_steps"] <= p["steps"]
+    shares = answered["methods"]["ngram"]["time_shares"]
+    assert list(shares) == ["overall", *spec_bench.TASKS]
+    choices = [r["choices"][0] for r in records]
+    profiles = [(w, p) for c in choices for w, p in zip(c["wall_time"], c["profile"], strict=True)]
+    wall = sum(w for w, _ in profiles)
+    overall = shares["overall"]
+    assert overall["verify"] == pytest.approx(sum(p["verify"] for _, p in profiles) / wall)
+    assert overall["fallback"] == pytest.approx(
+        sum(p["fallback_steps"] for _, p in profiles)
+        / len([n for r in records for n in r["choices"][0]["accept_lengths"]])
+    )
+    for task_shares in shares.values():
+        parts = [task_shares[k] for k in ("prefill", "draft", "catchup", "verify", "other")]
+        assert sum(parts) == pytest.approx(1.0) and min(parts) >= 0 and task_shares["verify"] > 0.2
+    assert all(answered["methods"][m]["time_shares"]["overall"] is None for m in ("baseline", "hf_prompt_lookup"))
+    md = (setup[3] / "out" / "summary.md").read_text().split("## Where the time went")[1]
+    assert "| ngram | overall | " in md and "| baseline |" not in md
+
+
 def test_spec_bench_speed_py_runs_on_every_task_and_matches_the_summary(setup, answered):
     answers, tokenizer = setup[3] / "out" / "answers", setup[0]
     baseline = answered["methods"]["baseline"]  # the two countings differ on these files, so matching one tells
