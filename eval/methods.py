@@ -163,12 +163,11 @@ def _specdec(generator: SpeculativeGenerator, settings: dict) -> Method:
 def profile(stats) -> dict:
     """Where one generation's time went (`SpecStats`): seconds prefilling, drafting (`catchup` of it re-reading
     tokens accepted while the source was not asked), in verification steps (forward, acceptance, cache, commit),
-    and its steps, of which `fallback_steps` were plain steps the controller chose."""
+    and `fallback_steps`: plain steps the controller chose (its steps are the record's `decoding_steps`)."""
     return {
         "prefill": stats.prefill_time,
         "draft": stats.draft_time,
         "catchup": stats.catchup_time,
         "verify": stats.verify_time,
-        "steps": len(stats.accept_lengths),
         "fallback_steps": stats.fallback_steps,
     }

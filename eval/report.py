@@ -98,17 +98,11 @@ def time_shares(records: list[dict]) -> dict[str, float] | None:
     """Shares of the records' wall time spent prefilling, drafting (less catch-up), catching up, in verification
     steps, and elsewhere in the loop (`other`: the rest), and `fallback`: the share of steps that were plain steps
     the controller chose. None where the records carry no `profile` (Hugging Face's methods)."""
-    turns = [
-        (wall, profile)
-        for record in records
-        for wall, profile in zip(
-            record["choices"][0]["wall_time"], record["choices"][0].get("profile") or [], strict=False
-        )
-        if profile is not None
-    ]
-    if not turns:
+    choices = [record["choices"][0] for record in records if record["choices"][0].get("profile")]
+    if not choices:
         return None
-    total = {key: sum(p[key] for _, p in turns) for key in ("prefill", "draft", "catchup", "verify", "steps")}
+    turns = [(wall, p) for c in choices for wall, p in zip(c["wall_time"], c["profile"], strict=True)]
+    total = {key: sum(p[key] for _, p in turns) for key in ("prefill", "draft", "catchup", "verify")}
     wall = sum(w for w, _ in turns)
     shares = {
         "prefill": total["prefill"] / wall,
@@ -117,7 +111,8 @@ def time_shares(records: list[dict]) -> dict[str, float] | None:
         "verify": total["verify"] / wall,
     }
     shares["other"] = 1.0 - sum(shares.values())
-    shares["fallback"] = sum(p["fallback_steps"] for _, p in turns) / max(total["steps"], 1)
+    steps = sum(sum(c["decoding_steps"]) for c in choices)
+    shares["fallback"] = sum(p["fallback_steps"] for _, p in turns) / max(steps, 1)
     return shares
 
 
@@ -211,7 +206,7 @@ def markdown(summary: dict) -> str:
     timed = [
         [m, task, *(_fmt(shares[k], pct=True) for k in parts)]
         for m, s in summary.items()
-        for task, shares in s.get("time_shares", {}).items()
+        for task, shares in s["time_shares"].items()
         if shares is not None
     ]
     return "\n\n".join(
