@@ -8,7 +8,10 @@ One controller serves every draft source. It keeps a small explicit model, updat
   barely vary); a class not measured yet is interpolated between the measured classes around it, or read
   off the line beyond them. Matrix kernels are not linear in the number
   of tokens (on CPUs, fp32 steps jump where a kernel changes), so a line alone misjudges the plain step
-  that every speculative step competes with. Drafting costs `c` per draft level.
+  that every speculative step competes with. A tree never costs less than a smaller class was measured to
+  cost plus `b` per extra node: classes measured at other times (after a longer or shorter prompt: the
+  plain step is not measured again while speculating) or in a noisy step can say otherwise, and a 2-node
+  tree of a draft that is never accepted then looks as if it paid. Drafting costs `c` per draft level.
 - value: `R[d]`, the measured probability that the accepted path reaches depth `d` when the tree did
   (per depth, discounted counts with a weak prior, so that a few unlucky steps do not end speculation; the
   prior fades with the same discount, so that a source that is never accepted is measured as such, not as the
@@ -104,7 +107,8 @@ class CostModel:
         line's slope to `size`. Where the class was not measured: between two measured classes, interpolated
         between their mean sizes and times (verification cost grows about linearly between kernel changes, and the
         line, fitted mostly to plain steps, can miss a steep slope); beyond them, the line. Never less than a
-        smaller class was measured to cost (bigger trees do not verify faster)."""
+        smaller class was measured to cost, plus the line's marginal cost of the extra nodes (bigger trees do not
+        verify faster), whether its own class was measured or not."""
         return self._time(size, line)
 
     def verify_times(self, max_size: int, line: tuple[float, float]) -> list[float]:
@@ -114,18 +118,21 @@ class CostModel:
 
     def _time(self, size: int, line: tuple[float, float], neighbours: tuple | None = None) -> float:
         """`verify_time`; `neighbours`: `_neighbours` of the size's class, when the caller has read them."""
+        neighbours = neighbours or self._neighbours(size.bit_length())
         measured = self.classes.get(size.bit_length())
         if measured is None:
-            return self._unmeasured(size, line, neighbours or self._neighbours(size.bit_length()))
+            return self._unmeasured(size, line, neighbours)
         mean_size, seconds = measured
-        return max(seconds + line[1] * (size - mean_size), 1e-9)
+        # classes measured at other times (another context length, a noisy step) can say a tree costs less than a
+        # smaller one: it does not, and a useless draft must not look as if it paid
+        return max(seconds + line[1] * (size - mean_size), _above(neighbours[2], size, line), 1e-9)
 
-    def _neighbours(self, key: int) -> tuple[tuple | None, tuple | None, float | None]:
-        """The nearest measured classes below and above size class `key` (mean size, seconds), and the dearest
-        measured class below it (seconds)."""
+    def _neighbours(self, key: int) -> tuple[tuple | None, tuple | None, tuple | None]:
+        """The nearest measured classes below and above size class `key`, and the dearest measured class below it
+        (each as (mean size, seconds))."""
         lower = [k for k in self.classes if k < key]
         upper = [k for k in self.classes if k > key]
-        dearest = max((self.classes[k][1] for k in lower), default=None)
+        dearest = max((self.classes[k] for k in lower), key=lambda c: c[1], default=None)
         return (self.classes[max(lower)] if lower else None, self.classes[min(upper)] if upper else None, dearest)
 
     @staticmethod
@@ -136,7 +143,7 @@ class CostModel:
             estimate = t0 + (t1 - t0) * (size - s0) / (s1 - s0)
         else:
             estimate = line[0] + line[1] * size
-        return estimate if dearest is None else max(estimate, dearest)
+        return max(estimate, _above(dearest, size, line))
 
     def add_draft(self, levels: int, seconds: float) -> None:
         if levels > 0:
@@ -429,6 +436,12 @@ class Controller:
             self.backoff = min(self.backoff * 2, cfg.max_probe_after)
         else:
             self.backoff = cfg.probe_after
+
+
+def _above(smaller: tuple[float, float] | None, size: int, line: tuple[float, float]) -> float:
+    """The least a tree of `size` nodes can cost, given a measured class of smaller trees (mean size, seconds): its
+    time and the line's marginal cost of the extra nodes (0 without such a class)."""
+    return 0.0 if smaller is None else smaller[1] + line[1] * max(size - smaller[0], 0.0)
 
 
 def _prefix_sums(values: list[float]) -> list[float]:

@@ -109,6 +109,25 @@ def test_cost_model_reads_measured_sizes_and_keeps_trees_in_the_cheap_size_class
     assert all(p["budget"] <= 2 for p in recent)
 
 
+def test_a_tree_never_looks_cheaper_than_a_smaller_one():
+    """The plain step was measured after a long prompt (55 ms); the next generation's prompt is short, and there
+    a plain step costs 44 ms and 2-3 node trees 45 ms. Read as measured, such a tree of a draft that is never
+    accepted beats that stale plain step, speculation goes on, and the plain step is never measured again (on
+    main before this test: every one of the 200 steps speculated). A tree costs at least what a smaller one was
+    measured to cost, plus the marginal cost of its extra nodes: the draft is soon left alone."""
+    c = Controller()
+    plan = c.plan()
+    assert not plan.speculate
+    c.update(plan, 1, 0, 0, 0.0, 0.0, 0.055)
+    c.start()
+    short_prompt = lambda n: 0.044 if n == 1 else 0.045 if n <= 3 else 0.060 + 0.001 * n  # noqa: E731
+    c = simulate(c, 200, accept_rate=0.0, verify=short_prompt, draft_per_level=0.0005)
+    line = c._line
+    assert c.costs.verify_time(2, line) >= c.costs.verify_time(1, line) + line[1] > c.costs.verify_time(1, line)
+    assert sum(p["speculate"] for p in c.history) < 0.3 * len(c.history)
+    assert not any(p["speculate"] for p in c.history[-30:])  # fallen back for good, probing rarely
+
+
 @pytest.mark.parametrize("verify", [cheap_verify, steep_verify, jumpy_verify])
 @pytest.mark.parametrize("config", [ControlConfig(), ControlConfig(min_budget=3, max_budget=64)])
 def test_precomputed_costs_give_the_definitions(verify, config):
