@@ -66,6 +66,7 @@ class ControlConfig:
     warmup_steps: int = 4  # speculative steps measured before the first fallback decision
     probe_after: int = 8  # plain steps before speculation is probed again
     max_probe_after: int = 128
+    probe_share: float = 0.05  # a failed probe's extra cost stays under this share of the plain steps before it
     cost_window: int = 64  # recent (tree size, verify time) pairs used for the cost fit
 
 
@@ -203,15 +204,29 @@ class Controller:
         self.speculative_steps = 0
         self.plain_left = 0  # plain steps before the next probe
         self.backoff = cfg.probe_after
+        self.probe_cost = 0.0  # seconds a probe adds to a plain step: catch-up, drafting, the tree's extra verify
+        self._planned_plain = True  # the last step was plain: the next speculative one is a probe
         self.rows = 1  # rows of the batch being planned for
 
     def start(self) -> None:
         """A new generation: no streak, and speculation probed again within `probe_after` plain steps (a new
-        text may draft better than the last one did); costs and acceptance stay learnt, and so does half the
-        back-off: where the probe fails again, the probes after it stay rare (each costs a tree's verification)."""
+        text may draft better than the last one did), or within `probe_gap()` where probes are dear; costs and
+        acceptance stay learnt, and so does half the back-off: where the probe fails again, the probes after it
+        stay rare (each costs a tree's verification)."""
         self.streak = 0
-        self.plain_left = min(self.plain_left, self.config.probe_after)
+        self.plain_left = min(self.plain_left, max(self.config.probe_after, self.probe_gap()))
         self.backoff = max(self.config.probe_after, self.backoff // 2)
+
+    def probe_gap(self) -> int:
+        """Plain steps that a failed probe needs before it, so that its extra cost stays under `probe_share` of their
+        time (at most `max_probe_after`). A draft model re-reads the prompt and every token since its last draft
+        (its catch-up) and drafts its levels: about two plain steps on SmolLM2 at a new prompt, so it probes after
+        100 plain steps rather than 8; an n-gram source's probe costs little more than its tree."""
+        plain = self.plain_step_time()
+        if not plain or self.probe_cost <= 0:
+            return 0
+        gap = self.probe_cost / (self.config.probe_share * plain * self.rows)
+        return min(math.ceil(gap), self.config.max_probe_after)
 
     # ---------------------------------------------------------------- the model
 
@@ -349,6 +364,7 @@ class Controller:
         promised: float,
         draft_seconds: float,
         verify_seconds: float,
+        catchup_seconds: float = 0.0,
     ) -> None:
         """Record one verification step of a single row.
 
@@ -360,8 +376,11 @@ class Controller:
             draft_seconds: drafting time; verify_seconds: the rest of the step (the verification forward, acceptance,
                 cache compaction, the drafter's commit), which grows with the tree as the forward does.
                 Within `specdec.distributed.lockstep` both are rank 0's, so that every rank plans the same.
+            catchup_seconds: the drafter's catch-up in this step (not in `draft_seconds`): re-reading the tokens
+                accepted since it last drafted; charged to probes, after which it is large.
         """
-        self.update_batch(plan, tree_size, [(tree_size, tree_depth, accepted, promised)], draft_seconds, verify_seconds)
+        row = [(tree_size, tree_depth, accepted, promised)]
+        self.update_batch(plan, tree_size, row, draft_seconds, verify_seconds, catchup_seconds)
 
     def update_batch(
         self,
@@ -370,6 +389,7 @@ class Controller:
         rows: list[tuple[int, int, int, float]],
         draft_seconds: float,
         verify_seconds: float,
+        catchup_seconds: float = 0.0,
     ) -> None:
         """Record one verification step of a batch (`update` is the one-row case).
 
@@ -377,9 +397,12 @@ class Controller:
             plan: the plan the step followed.
             slots: tokens the verification forward scored (rows x the largest tree, root included).
             rows: per row, `(tree_size, tree_depth, accepted, promised)` as in `update`.
-            draft_seconds: every row's drafting time together; verify_seconds: the rest of the step.
+            draft_seconds: every row's drafting time together; verify_seconds: the rest of the step;
+                catchup_seconds: every row's catch-up, as in `update`.
         """
-        draft_seconds, verify_seconds = distributed.rank_zero(draft_seconds, verify_seconds)
+        draft_seconds, verify_seconds, catchup_seconds = distributed.rank_zero(
+            draft_seconds, verify_seconds, catchup_seconds
+        )
         cfg, ema = self.config, self.config.ema
         self._budgets, self._best, self._verify = {}, None, None  # the measurements below change them
         self.costs.add_verify(slots, verify_seconds)
@@ -390,6 +413,10 @@ class Controller:
             s = self.streak
             self.accepted_sum[s] = cfg.discount * self.accepted_sum[s] + sum(a for a, _ in scored)
             self.promised_sum[s] = cfg.discount * self.promised_sum[s] + sum(p for _, p in scored)
+        probe, self._planned_plain = self._planned_plain and plan.speculate, not plan.speculate
+        if probe:  # what it added to a plain step: the catch-up after the plain steps, drafting, a larger forward
+            extra = catchup_seconds + draft_seconds + max(verify_seconds - self._verify_times()[0], 0.0)
+            self.probe_cost = extra if self.probe_cost == 0 else (1 - ema) * self.probe_cost + ema * extra
         if not plan.speculate:  # a plain step: what speculation learnt before it fades (a probe after a long
             # fallback is judged on what it finds, not outweighed by the steps that led to the fallback)
             self.streak = 0
@@ -432,7 +459,7 @@ class Controller:
             return
         plain_rate = self.expected_rate(0)
         if self.expected_rate(self.best_depth()) < cfg.min_speedup * plain_rate:
-            self.plain_left = self.backoff
+            self.plain_left = max(self.backoff, self.probe_gap())  # dear probes stay rare from the first fallback
             self.backoff = min(self.backoff * 2, cfg.max_probe_after)
         else:
             self.backoff = cfg.probe_after

@@ -155,7 +155,7 @@ def decode(
             stats.plans.append(asdict(plan))
             drafting, checking = toc - tic - catchup, verify.wall_time(parts.target) - toc
             parts.controller.update(
-                plan, size, tree.max_depth, accepted.num_accepted, tree.expected_gain, drafting, checking
+                plan, size, tree.max_depth, accepted.num_accepted, tree.expected_gain, drafting, checking, catchup
             )
 
         emitted, done = [], False
@@ -456,7 +456,7 @@ def _record_step(
         stats.plans.append(asdict(plan))
         pairs = zip(trees, accepted, strict=True)
         outcomes = [(len(t), t.max_depth, a.num_accepted, t.expected_gain) for t, a in pairs]
-        controller.update_batch(plan, slots, outcomes, drafting, checking)
+        controller.update_batch(plan, slots, outcomes, drafting, checking, catchup)
 
 
 def _leave(cache: kv.RowCache, active: list[_Row]) -> list[_Row]:

@@ -73,15 +73,50 @@ def test_shrinks_when_acceptance_is_low_or_verify_is_dear():
 
 
 def test_falls_back_when_speculation_cannot_pay_and_probes_again_with_backoff():
-    config = ControlConfig(probe_after=4, max_probe_after=16)
-    c = simulate(Controller(config), 200, accept_rate=0.0, verify=cheap_verify, draft_per_level=0.010)
+    config = ControlConfig(probe_after=4, max_probe_after=16)  # a cheap draft: its probes are not rarer (below)
+    c = simulate(Controller(config), 200, accept_rate=0.0, verify=cheap_verify, draft_per_level=0.001)
     plans = c.history
     plain = [not p["speculate"] for p in plans]
     assert sum(plain) > 0.8 * len(plans)  # mostly plain steps
     probes = [i for i in range(1, len(plans)) if plain[i - 1] and not plain[i]]
     assert len(probes) >= 3  # it keeps probing ...
-    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    gaps = [b - a for a, b in itertools.pairwise(probes[1:])]  # from the first fallback on
     assert gaps[-1] > gaps[0]  # ... less and less often (back-off)
+
+
+def generations(c: Controller, count: int, catchup: float, steps: int = 96) -> Controller:
+    """`count` generations of a never-accepted draft (4 ms a level, 45 ms trees against 40 ms plain steps) whose first
+    speculative step after plain steps re-reads what it missed (`catchup` seconds), as a draft model does."""
+    for _ in range(count):
+        c.start()
+        after_plain = True
+        for _ in range(steps):
+            plan = c.plan()
+            if not plan.speculate:
+                c.update(plan, 1, 0, 0, 0.0, 0.0, 0.040)
+                after_plain = True
+                continue
+            depth = min(plan.depth, plan.budget)
+            caught_up = catchup if after_plain else 0.0
+            c.update(plan, 1 + depth, depth, 0, 0.5, 0.004 * depth, 0.045, caught_up)
+            after_plain = False
+    return c
+
+
+def test_probes_whose_catch_up_is_dear_are_rare():
+    """A draft model probing after plain steps first re-reads the prompt or the tokens since it last drafted (80 ms
+    here, two plain steps). Probing within 8 steps of every generation would cost more than it could find: probes
+    are spaced so that a failed one costs at most `probe_share` of the plain steps before it. A source without
+    catch-up keeps probing every few dozen steps."""
+    cheap, dear = generations(Controller(), 6, catchup=0.0), generations(Controller(), 6, catchup=0.080)
+    assert dear.probe_cost > 0.08 and dear.probe_gap() == math.ceil(dear.probe_cost / (0.05 * 0.040)) >= 40
+    assert cheap.probe_gap() < 16
+    gaps = {}
+    for name, c in (("cheap", cheap), ("dear", dear)):
+        probes = [i for i, (q, p) in enumerate(itertools.pairwise(c.history)) if p["speculate"] and not q["speculate"]]
+        gaps[name] = [b - a for a, b in itertools.pairwise(probes[1:])]  # from the first fallback on
+    assert min(gaps["dear"]) >= dear.probe_gap() > min(gaps["cheap"])  # the cheap one probes early in a generation
+    assert not any(p["speculate"] for p in dear.history[96 : 96 + 40])  # a new generation does not probe early
 
 
 def test_a_cheap_source_that_is_never_accepted_is_left_alone_where_verification_is_flat():

@@ -211,12 +211,13 @@ def test_catch_up_after_plain_steps_is_timed_apart_from_drafting(llama):
     drafter.propose(DecodeState(x, max_depth=2))  # 37 tokens accepted while it was not asked
     assert drafter.catchup_time > 0.0
 
-    charged = []
+    charged, caught_up = [], []
 
     class Recording(Controller):
-        def update(self, plan, size, depth, accepted, promised, draft_seconds, verify_seconds):
+        def update(self, plan, size, depth, accepted, promised, draft_seconds, verify_seconds, catchup_seconds):
             charged.append(draft_seconds)
-            super().update(plan, size, depth, accepted, promised, draft_seconds, verify_seconds)
+            caught_up.append(catchup_seconds)
+            super().update(plan, size, depth, accepted, promised, draft_seconds, verify_seconds, catchup_seconds)
 
     controller = Recording(ControlConfig(warmup_steps=1, probe_after=4))
     out = specdec.generate(
@@ -226,6 +227,8 @@ def test_catch_up_after_plain_steps_is_timed_apart_from_drafting(llama):
     stats = out.spec_stats
     assert stats.fallback_steps > 0 and stats.catchup_time > 0  # a random draft: fallback, then probes catch up
     assert sum(charged) == pytest.approx(stats.draft_time - stats.catchup_time, abs=1e-6)
+    assert sum(caught_up) == pytest.approx(stats.catchup_time, abs=1e-6)  # charged to the probes, apart
+    assert controller.probe_cost > 0
 
 
 def test_controller_keeps_what_it_learnt_and_starts_each_call_afresh():
