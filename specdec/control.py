@@ -34,7 +34,9 @@ From it, each step gets a `Plan`:
   accepted tokens save (every fourth step half of it, so that the cost slope `b` stays measurable);
 - fallback: when the best expected rate is below plain decoding's, plain steps are taken, and
   speculation is probed again after `probe_after` steps, doubling (up to `max_probe_after`) while it
-  keeps not paying; a new generation probes within `probe_after` steps and keeps half the back-off.
+  keeps not paying; a new generation probes within `probe_after` steps and keeps half the back-off. Where
+  probes are dear (a draft model re-reads the prompt and the tokens it missed: its catch-up), they are spaced
+  so that a failed one costs at most `probe_share` of the plain steps before it (`probe_gap`).
 """
 
 from __future__ import annotations
