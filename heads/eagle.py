@@ -47,6 +47,7 @@ from torch import nn
 from transformers import LlamaConfig, PreTrainedModel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from specdec.devices import execution_device, onloaded
 from specdec.models import ASSETS, fingerprint, same_fingerprint
 from specdec.verify import decoder_layers
 
@@ -306,7 +307,7 @@ class EagleHead(nn.Module):
         _check_layers(config.layers, num_layers)
         head = cls(config)
         head.d2t.copy_(draft_ids - torch.arange(len(draft_ids)))
-        return head.to(device=embed.device, dtype=embed.dtype)
+        return _placed(head, model)
 
     @staticmethod
     def new_cache() -> HeadCache:
@@ -411,8 +412,14 @@ class EagleHead(nn.Module):
         head = cls(config)
         head.check(target)
         head.load_state_dict(state)
-        embed = target.get_input_embeddings().weight
-        return head.to(device=embed.device, dtype=embed.dtype).eval()
+        return _placed(head, target).eval()
+
+
+def _placed(head: EagleHead, target: PreTrainedModel) -> EagleHead:
+    """`head` where it runs: on the execution device of the target's input embeddings (also where accelerate offloaded
+    them), in their dtype (meta tensors keep theirs)."""
+    embed = target.get_input_embeddings()
+    return head.to(device=execution_device(embed), dtype=embed.weight.dtype)
 
 
 def export_eagle3(head: EagleHead, directory: str | Path) -> Path:
@@ -543,7 +550,9 @@ def _read_eagle3(directory: Path, target: PreTrainedModel) -> tuple[EagleConfig,
     for file in sorted(directory.glob("*.safetensors")):
         state.update(load_file(file))
     embeddings = state.pop("embed_tokens.weight", None)
-    if embeddings is not None and not _same(embeddings, target.get_input_embeddings().weight):
+    with onloaded(target.get_input_embeddings()) as embed:  # where accelerate offloaded them too
+        same = embeddings is None or _same(embeddings, embed.weight)
+    if not same:
         raise ValueError(
             f"the EAGLE-3 head in {directory} carries input embeddings that differ from this model's: it was "
             f"trained for another model"

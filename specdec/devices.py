@@ -104,6 +104,18 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
+def resident(embedding: nn.Module) -> nn.Module:
+    """The target's input embeddings as a drafter calls them at every step: the module itself, or where accelerate
+    offloaded a plain `nn.Embedding`, a frozen copy on its execution device, read once (each call of an offloaded
+    module reads its weight from disk or CPU memory again: 113 MB for SmolLM2 in fp32). Other
+    offloaded embedding types (scaled ones) are returned as they are: exact, read at each call."""
+    if type(embedding) is not nn.Embedding or not is_offloaded(embedding):
+        return embedding
+    with onloaded(embedding) as module:
+        weight = module.weight.detach().clone()  # the onloaded values are dropped after the block
+    return nn.Embedding.from_pretrained(weight, freeze=True, padding_idx=embedding.padding_idx)
+
+
 def vocab_size(model: PreTrainedModel) -> int:
     """The width of the model's logits (its LM head's output features; the config's when it has none)."""
     head = model.get_output_embeddings()

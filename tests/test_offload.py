@@ -13,10 +13,11 @@ from tiny import VOCAB, small_draft, tiny_model
 from transformers import AutoTokenizer
 
 import specdec
+from heads.eagle import EagleHead
 from heads.medusa import MedusaHeads
 from specdec import devices
 from specdec.control import ControlConfig
-from specdec.drafters import MedusaDrafter, ModelDrafter, NGramDrafter, NGramMemory
+from specdec.drafters import EagleDrafter, MedusaDrafter, ModelDrafter, NGramDrafter, NGramMemory
 from specdec.models import ASSETS, BUILTIN_DRAFT, fingerprint
 
 PROMPT = torch.tensor([[3, 4, 5, 6, 7, 3, 4, 5, 9, 10, 3, 4, 5]])
@@ -126,6 +127,34 @@ def test_medusa_greedy_equality(how, kind, tmp_path):
     assert torch.equal(tokens, expected) and max(stats.tree_sizes) == 7
     tokens, expected, _ = greedy(target, drafter, controller=specdec.Controller())
     assert torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("source", ["medusa", "eagle"])
+def test_heads_embed_draft_tokens_without_reading_offloaded_embeddings_again(how, source, tmp_path):
+    """Path-conditioned Medusa heads and EAGLE embed draft tokens at every level of every step: where accelerate
+    offloaded the target's embeddings, from a copy read once at the start (each call of the offloaded module reads
+    its weight again), so only the target's own forwards call it; the output stays the target's."""
+    _, target = offloaded(how, tmp_path)
+    if source == "medusa":
+        heads = noisy(MedusaHeads.for_model(target, num_heads=2, path_inputs=True))
+        drafter = MedusaDrafter(heads, choices=[(0,), (1,), (0, 0), (0, 1), (1, 0)])
+    else:
+        torch.manual_seed(0)
+        drafter = EagleDrafter(EagleHead.for_model(target).eval(), depth=4, branching=2, tree_budget=6)
+        assert all(p.device.type == "cpu" for p in drafter.head.parameters())  # not on `meta`
+    expected = target.generate(PROMPT, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    embedding = target.get_input_embeddings()
+    calls = []
+    embedding.register_forward_hook(lambda *_: calls.append(1))
+    out = specdec.SpeculativeGenerator(target, drafter, controller=None).generate(
+        PROMPT, max_new_tokens=24, eos_token_id=None, return_dict_in_generate=True
+    )
+    assert torch.equal(out.sequences, expected) and max(out.spec_stats.tree_sizes) > 2
+    if devices.is_offloaded(embedding):
+        assert len(calls) == out.spec_stats.target_forwards
+    else:  # in memory ("partly on disk" keeps them so): the drafter calls the module itself
+        assert len(calls) > out.spec_stats.target_forwards
 
 
 def test_saved_heads_load_onto_the_offloaded_target(tmp_path):

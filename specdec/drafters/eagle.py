@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec.acceptance import Acceptance
+from specdec.devices import resident
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.tree import TokenTree
 
@@ -69,7 +70,7 @@ class EagleDrafter(Drafter):
 
     def start(self, target: PreTrainedModel) -> None:
         self.head.check(target)
-        self._embed = target.get_input_embeddings()
+        self._embed = resident(target.get_input_embeddings())  # read at every level of every step
         self._reset(0)
 
     @torch.no_grad()

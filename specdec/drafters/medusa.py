@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
+from specdec.devices import resident
 from specdec.drafters.base import DecodeState, Drafter, trim
 from specdec.tree import TokenTree
 
@@ -53,7 +54,7 @@ class MedusaDrafter(Drafter):
     def start(self, target: PreTrainedModel) -> None:
         self.heads.check(target)
         self._weights = self.heads.lm_weights(target.get_output_embeddings())  # [V', H] per head
-        self._embed = target.get_input_embeddings()
+        self._embed = resident(target.get_input_embeddings())  # path-conditioned heads embed at every step
 
     def _top(self, weight: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top candidates for `[P, H]` features under LM-head `weight`: log-probabilities (over the draft
