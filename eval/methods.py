@@ -163,11 +163,13 @@ def _specdec(generator: SpeculativeGenerator, settings: dict) -> Method:
 def profile(stats) -> dict:
     """Where one generation's time went (`SpecStats`): seconds prefilling, drafting (`catchup` of it re-reading
     tokens accepted while the source was not asked), in verification steps (forward, acceptance, cache, commit),
-    and `fallback_steps`: plain steps the controller chose (its steps are the record's `decoding_steps`)."""
+    `fallback_steps`: plain steps the controller chose (its steps are the record's `decoding_steps`), and
+    `tree_sizes`: the nodes each step verified, root included (1: a plain step)."""
     return {
         "prefill": stats.prefill_time,
         "draft": stats.draft_time,
         "catchup": stats.catchup_time,
         "verify": stats.verify_time,
         "fallback_steps": stats.fallback_steps,
+        "tree_sizes": stats.tree_sizes,
     }

@@ -96,8 +96,10 @@ def summarize(
 
 def time_shares(records: list[dict]) -> dict[str, float] | None:
     """Shares of the records' wall time spent prefilling, drafting (less catch-up), catching up, in verification
-    steps, and elsewhere in the loop (`other`: the rest), and `fallback`: the share of steps that were plain steps
-    the controller chose. None where the records carry no `profile` (Hugging Face's methods)."""
+    steps, and elsewhere in the loop (`other`: the rest), `fallback`: the share of steps that were plain steps
+    the controller chose, and `nodes`: the mean tree size of the steps that verified a tree (root included; 0
+    where none did; None in records made before profiles had tree sizes). None where the records carry no
+    `profile` (Hugging Face's methods)."""
     choices = [record["choices"][0] for record in records if record["choices"][0].get("profile")]
     if not choices:
         return None
@@ -113,6 +115,10 @@ def time_shares(records: list[dict]) -> dict[str, float] | None:
     shares["other"] = 1.0 - sum(shares.values())
     steps = sum(sum(c["decoding_steps"]) for c in choices)
     shares["fallback"] = sum(p["fallback_steps"] for _, p in turns) / max(steps, 1)
+    shares["nodes"] = None
+    if all("tree_sizes" in p for _, p in turns):
+        trees = [n for _, p in turns for n in p["tree_sizes"] if n > 1]
+        shares["nodes"] = sum(trees) / len(trees) if trees else 0.0
     return shares
 
 
@@ -204,7 +210,7 @@ def markdown(summary: dict) -> str:
     ]
     parts = ("prefill", "draft", "catchup", "verify", "other", "fallback")
     timed = [
-        [m, task, *(_fmt(shares[k], pct=True) for k in parts)]
+        [m, task, *(_fmt(shares[k], pct=True) for k in parts), _fmt(shares.get("nodes"))]
         for m, s in summary.items()
         for task, shares in s["time_shares"].items()
         if shares is not None
@@ -217,8 +223,9 @@ def markdown(summary: dict) -> str:
             _table(["method", *tasks], theirs),
             "## Acceptance by depth: share of verification steps that accepted at least d draft tokens",
             _table(["method", "task", "mean accepted", *(f">= {d}" for d in range(1, depth + 1))], by_depth),
-            "## Where the time went: shares of wall time (draft: less catch-up), and of steps that fell back",
-            _table(["method", "task", *parts], timed),
+            "## Where the time went: shares of wall time (draft: less catch-up), of steps that fell back, and the "
+            "mean nodes of a verified tree",
+            _table(["method", "task", *parts, "nodes"], timed),
         ]
     )
 

@@ -128,7 +128,12 @@ def run(cfg: DictConfig) -> dict:
     if todo:
         torch.manual_seed(cfg.seed)
         placement = {"attn_implementation": cfg.attn_implementation, "device_map": cfg.get("device_map")}
-        target, tokenizer = load_model(cfg.target, dtype=cfg.dtype, **placement)
+        offload = {}
+        if cfg.get("offload_folder"):  # the target's weights on disk, read at every forward; the draft stays
+            if placement["device_map"] is not None:
+                raise ValueError("offload_folder puts the whole target on disk: leave device_map null with it")
+            offload = {"device_map": {"": "disk"}, "offload_folder": cfg.offload_folder}
+        target, tokenizer = load_model(cfg.target, dtype=cfg.dtype, **{**placement, **offload})
         draft, _ = load_model(cfg.draft, dtype=cfg.dtype, **placement)
         methods = build_methods(cfg, target, draft)
         warm_up(methods, tokenizer, cfg.warmup)

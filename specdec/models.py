@@ -76,6 +76,8 @@ def load_model(
             given: e.g. `device_map="auto"` with `max_memory={"cpu": "200MB"}`, or a map that puts layers on
             `"cpu"` or `"disk"` (disk needs `offload_folder`). Offloaded layers are loaded for each forward;
             speculation is exact on such a target, and pays more (verifying a tree costs about one step).
+            GGUF files (the built-in target) take `{"": "disk"}` only: transformers cannot map them to disk,
+            so the model is loaded to the CPU and then offloaded whole with `accelerate.disk_offload`.
 
     Returns:
         (model, tokenizer).
@@ -97,10 +99,19 @@ def load_model(
             raise FileNotFoundError(f"the shipped draft is missing from {source}; reinstall specdec")
     else:
         source = name_or_path
+    to_disk = "gguf_file" in kwargs and device_map == {"": "disk"}
+    if to_disk:  # transformers refuses disk maps for GGUF files: load to the CPU, then offload every weight
+        if offload_folder is None:
+            raise ValueError('device_map={"": "disk"} needs offload_folder: the directory the weights go to')
+        placement = {}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, attn_implementation=attn_implementation, **kwargs, **placement
     )
+    if to_disk:
+        from accelerate import disk_offload  # only disk-offloaded GGUF targets need it
+
+        disk_offload(model, offload_folder, execution_device=torch.device("cpu"))
     return model.eval(), tokenizer
 
 

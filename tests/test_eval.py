@@ -25,8 +25,9 @@ from eval.run import in_turns, run, select_questions
 from heads.eagle import EagleHead
 from heads.medusa import MedusaHeads
 from heads.streams import StreamEmbeddings
+from specdec.devices import is_offloaded
 from specdec.drafters import NGramMemory
-from specdec.models import ASSETS, BUILTIN_DRAFT
+from specdec.models import ASSETS, BUILTIN_DRAFT, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -232,6 +233,7 @@ def test_time_shares_say_where_specdecs_time_went(setup, answered):
         for wall, p, steps in zip(choice["wall_time"], choice["profile"], choice["decoding_steps"], strict=True):
             assert 0 <= p["catchup"] <= p["draft"] and p["prefill"] + p["draft"] + p["verify"] <= wall
             assert 0 <= p["fallback_steps"] <= steps
+            assert len(p["tree_sizes"]) == steps and min(p["tree_sizes"]) >= 1
     shares = answered["methods"]["ngram"]["time_shares"]
     assert list(shares) == ["overall", *spec_bench.TASKS]
     choices = [r["choices"][0] for r in records]
@@ -243,6 +245,8 @@ def test_time_shares_say_where_specdecs_time_went(setup, answered):
         sum(p["fallback_steps"] for _, p in profiles)
         / len([n for r in records for n in r["choices"][0]["accept_lengths"]])
     )
+    trees = [n for _, p in profiles for n in p["tree_sizes"] if n > 1]
+    assert overall["nodes"] == pytest.approx(sum(trees) / len(trees)) and overall["nodes"] > 1
     for task_shares in shares.values():
         parts = [task_shares[k] for k in ("prefill", "draft", "catchup", "verify", "other")]
         assert sum(parts) == pytest.approx(1.0) and min(parts) >= 0 and task_shares["verify"] > 0.2
@@ -320,6 +324,27 @@ def test_rerun_resumes_and_skips_finished_questions(setup):
     run(config(setup, few=True, methods="[baseline,ngram,draft]", extra=extra))  # a new method answers them all
     assert {p.name: p.read_text() for p in out.glob("*.jsonl") if p.name != "draft.jsonl"} == before
     assert sorted(r["question_id"] for r in lines(out / "draft.jsonl")) == FEW
+
+
+def test_a_disk_offloaded_target_answers_as_the_one_in_memory(setup, answered, monkeypatch):
+    """`offload_folder`: the target's weights on disk, read at every forward (the draft stays in memory); plain
+    decoding and the n-gram source give the tokens they give with the target in memory."""
+    loaded = []
+
+    def load_and_keep(*args, **kwargs):
+        loaded.append(load_model(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr("eval.run.load_model", load_and_keep)
+    extra = (f"out_dir={setup[3] / 'offloaded'}", f"offload_folder={setup[3] / 'offload'}")
+    summary = run(config(setup, few=True, methods="[baseline,ngram]", extra=extra))["methods"]
+    assert [is_offloaded(model) for model, _ in loaded] == [True, False]  # the target, the draft
+    assert summary["ngram"]["identical_share"] == 1.0
+    in_memory = {r["question_id"]: r for r in lines(setup[3] / "out" / "answers" / "baseline.jsonl")}
+    for record in lines(setup[3] / "offloaded" / "answers" / "baseline.jsonl"):
+        assert record["choices"][0]["token_ids"] == in_memory[record["question_id"]]["choices"][0]["token_ids"]
+    with pytest.raises(ValueError, match="leave device_map null"):
+        run(config(setup, few=True, extra=(f"out_dir={setup[3] / 'both'}", extra[1], "device_map=auto")))
 
 
 def test_unknown_method_is_a_clear_error(setup):

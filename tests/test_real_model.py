@@ -7,6 +7,7 @@ import torch
 import specdec
 from heads.medusa import BUILTIN_HEADS, MedusaHeads
 from specdec.chat import chat_input_ids, load_questions
+from specdec.devices import is_offloaded
 from specdec.drafters import MedusaDrafter, ModelDrafter, NGramDrafter, NGramMemory
 from specdec.drafters.memory import BUILTIN_MEMORY
 from specdec.models import ASSETS, BUILTIN_DRAFT, BUILTIN_TARGET, load_model
@@ -67,3 +68,19 @@ def test_shipped_ngram_memory_refuses_another_model(real_pair):
     memory.check(real_pair[0])  # the target whose answers it holds
     with pytest.raises(ValueError, match="fingerprint"):
         memory.check(real_pair[1])
+
+
+def test_the_builtin_target_offloaded_to_disk_gives_the_same_tokens(real_pair, tmp_path):
+    """transformers cannot map a GGUF file to disk; `load_model` offloads the loaded model whole instead. Every
+    weight is then read at each forward, and the shipped heads' fingerprint check still reads them."""
+    target, _, tokenizer = real_pair
+    with pytest.raises(ValueError, match="offload_folder"):
+        load_model(BUILTIN_TARGET, device_map={"": "disk"})
+    offloaded, _ = load_model(BUILTIN_TARGET, dtype="fp32", device_map={"": "disk"}, offload_folder=tmp_path)
+    assert is_offloaded(offloaded) and any(tmp_path.iterdir())
+    question = load_questions(ASSETS / "demo_prompts.jsonl")[3]
+    ids = chat_input_ids(tokenizer, [{"role": "user", "content": question["turns"][0]}])
+    expected = target.generate(ids, max_new_tokens=16, do_sample=False)
+    drafter = MedusaDrafter(MedusaHeads.from_pretrained(BUILTIN_HEADS, offloaded))
+    out = specdec.generate(offloaded, ids, drafter=drafter, max_new_tokens=16, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected) and max(out.spec_stats.tree_sizes) > 1
