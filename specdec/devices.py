@@ -107,8 +107,8 @@ def onloaded(module: nn.Module) -> Iterator[nn.Module]:
 def resident(embedding: nn.Module) -> nn.Module:
     """The target's input embeddings as a drafter calls them at every step: the module itself, or where accelerate
     offloaded a plain `nn.Embedding`, a frozen copy on its execution device, read once (each call of an offloaded
-    module reads its weight from disk or CPU memory again: 113 MB for SmolLM2 in fp32). Other
-    offloaded embedding types (scaled ones) are returned as they are: exact, read at each call."""
+    module reads its weight from disk or CPU memory again: 113 MB for SmolLM2 in fp32). Other offloaded embedding
+    types (scaled ones) are returned as they are: exact, read at each call."""
     if type(embedding) is not nn.Embedding or not is_offloaded(embedding):
         return embedding
     with onloaded(embedding) as module:
