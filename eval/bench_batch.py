@@ -6,12 +6,10 @@ figure is new tokens per second over the batch (each row's tokens up to and incl
 after it), with the speedup over `target.generate` measured in the same run, and the share of rows identical
 to `target.generate`'s (fp32 is exact; bf16 can flip near-ties). Method `plain` drafts nothing: every step is a
 plain batched step through specdec's loop, which measures the loop's overhead over `target.generate`.
-`ngram_every_step`: `ngram` with a controller that asks the n-gram source in every fallback step (without the
-back-off that skips its lookups while they cost more than they save, `Plan.free`).
 
 Run: .venv/bin/python -m eval.bench_batch [--batch-sizes 1 4 8 16] [--prompts-per-batch ...] [--methods plain
-     ngram ngram_every_step draft composite] [--dtype fp32|bf16] [--max-new-tokens 64]
-     [--target smollm2-135m-instruct|tiny] [--out outputs/bench_batch.json]
+     ngram draft composite] [--dtype fp32|bf16] [--max-new-tokens 64] [--target smollm2-135m-instruct|tiny]
+     [--out outputs/bench_batch.json]
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from specdec.chat import chat_input_ids, load_questions
-from specdec.control import Controller
 from specdec.cpu import tune_cpu_blas
 from specdec.drafters import Composite, Drafter, ModelDrafter, NGramDrafter
 from specdec.drafters.base import DecodeState
@@ -76,17 +73,10 @@ def new_tokens(sequences: torch.Tensor, prompt_width: int, eos: set[int]) -> lis
     return rows
 
 
-class FreeEveryStep(Controller):
-    """The default controller, but fallback steps always ask the free sources (as before `Plan.free`)."""
-
-    def _free_drafts(self) -> bool:
-        return True
-
-
 def build(method: str, target, target_name: str, dtype: str) -> Drafter:
     if method == "plain":
         return NoDraft()
-    if method in ("ngram", "ngram_every_step"):  # the shipped memory holds the built-in target's answers
+    if method == "ngram":  # the shipped memory holds the built-in target's answers
         return NGramDrafter(memory=BUILTIN_MEMORY if target_name == BUILTIN_TARGET else None, remember=False)
     draft = ModelDrafter(load_model(DEFAULT_DRAFTS[target_name], dtype=dtype)[0])
     if method == "draft":
@@ -131,18 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     dtype = parse_dtype(args.dtype)
     if args.target == "tiny":
         target, tokenizer = tiny_target(dtype)
-        args.methods = [m for m in args.methods if m in ("plain", "ngram", "ngram_every_step")]  # no draft model
+        args.methods = [m for m in args.methods if m in ("plain", "ngram")]  # no draft model for a random target
     else:
         target, tokenizer = load_model(args.target, dtype=args.dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = {tokenizer.eos_token_id}
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
-    gens = {
-        m: SpeculativeGenerator(target, build(m, target, args.target, args.dtype), FreeEveryStep())
-        if m == "ngram_every_step"
-        else SpeculativeGenerator(target, build(m, target, args.target, args.dtype))
-        for m in args.methods
-    }
+    gens = {m: SpeculativeGenerator(target, build(m, target, args.target, args.dtype)) for m in args.methods}
     data = batches(tokenizer, args.batch_sizes, pad)
     warm_ids, warm_mask = data[min(args.batch_sizes)]
     target.generate(warm_ids, attention_mask=warm_mask, **{**settings, "max_new_tokens": 4})
