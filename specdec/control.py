@@ -36,15 +36,7 @@ From it, each step gets a `Plan`:
   speculation is probed again after `probe_after` steps, doubling (up to `max_probe_after`) while it
   keeps not paying; a new generation probes within `probe_after` steps and keeps half the back-off. Where
   probes are dear (a draft model re-reads the prompt and the tokens it missed: its catch-up), they are spaced
-  so that a failed one costs at most `probe_share` of the plain steps before it (`probe_gap`);
-- free drafts in fallback steps (`Plan.free`): sources whose drafting is an index lookup (n-gram) are still asked
-  in plain steps, and their trees verified where they pay. For one prompt that lookup is cheap (0.4 ms against a
-  45 ms step on SmolLM2) and a hit saves whole steps: it is always asked. In a batch it is paid row by row (6 ms
-  of a 110 ms step at 16 rows) while a row's hit saves only that row's share of a step. There, the time the
-  accepted tokens saved and the time drafting took are summed over recent fallback steps (discounted by
-  `free_discount`); while drafting costs more than it saves, fallback steps skip it for `probe_after` steps at a
-  time (not longer: a copy run that starts late, the output repeating itself, is found within that many steps),
-  and a new generation asks again at once.
+  so that a failed one costs at most `probe_share` of the plain steps before it (`probe_gap`).
 """
 
 from __future__ import annotations
@@ -78,7 +70,6 @@ class ControlConfig:
     max_probe_after: int = 128
     probe_share: float = 0.05  # a failed probe's extra cost stays under this share of the plain steps before it
     cost_window: int = 64  # recent (tree size, verify time) pairs used for the cost fit
-    free_discount: float = 0.99  # fallback steps' free drafting: its savings and costs fade by this per step
 
 
 @dataclass(frozen=True)
@@ -91,7 +82,6 @@ class Plan:
     budget: int
     threshold: float
     streak: bool = False
-    free: bool = True  # in a plain step (`speculate=False`): whether free sources (n-gram lookups) are still asked
 
 
 @dataclass
@@ -219,9 +209,6 @@ class Controller:
         self.probe_cost = 0.0  # seconds a probe adds to a plain step: catch-up, drafting, the tree's extra verify
         self._planned_plain = True  # the last step was plain: the next speculative one is a probe
         self.rows = 1  # rows of the batch being planned for
-        # fallback steps' free drafting: seconds its accepted tokens saved and seconds it took (discounted), steps
-        self.free_saved, self.free_spent, self.free_steps = 0.0, 0.0, 0
-        self.free_left = 0  # plain steps left that skip free drafting
 
     def start(self) -> None:
         """A new generation: no streak, and speculation probed again within `probe_after` plain steps (a new
@@ -231,7 +218,6 @@ class Controller:
         self.streak = 0
         self.plain_left = min(self.plain_left, max(self.config.probe_after, self.probe_gap()))
         self.backoff = max(self.config.probe_after, self.backoff // 2)
-        self.free_left = 0  # a new text may be one to copy from: free drafts are asked again at once
 
     def probe_gap(self) -> int:
         """Plain steps that a failed probe needs before it, so that its extra cost stays under `probe_share` of their
@@ -331,9 +317,9 @@ class Controller:
         streak = bool(self.streak)
         if self.plain_left > 0:
             self.plain_left -= 1
-            return Plan(False, 0, 0, self.threshold, streak, self._free_drafts())
+            return Plan(False, 0, 0, self.threshold, streak)
         if rows.bit_length() not in self.costs.classes:  # a plain step first: what speculation competes with
-            return Plan(False, 0, 0, self.threshold, streak, self._free_drafts())
+            return Plan(False, 0, 0, self.threshold, streak)
         if len(self.costs.classes) < 2:  # no tree measured yet: the drafter's own settings, capped (in a batch, so
             # that all rows together draft at most `max_budget` nodes: a first probe of rows x 33 tokens is dear)
             return Plan(True, cfg.max_depth, max(cfg.max_budget // rows, cfg.min_budget), self.threshold, streak)
@@ -343,13 +329,6 @@ class Controller:
             budget = max(min(budget, math.ceil(depth * self.width)) // 2, 1)
         # one level beyond the optimum keeps the next depth measured; the threshold still cuts weak branches
         return Plan(True, min(depth + 1, cfg.max_depth), budget, self.threshold, streak)
-
-    def _free_drafts(self) -> bool:
-        """Whether this plain step asks the free sources (one more step of the free back-off counted)."""
-        if self.free_left > 0:
-            self.free_left -= 1
-            return False
-        return True
 
     def _set_rows(self, rows: int) -> None:
         if rows < 1:
@@ -443,8 +422,6 @@ class Controller:
             self.probe_cost = extra if self.probe_cost == 0 else (1 - ema) * self.probe_cost + ema * extra
         if not plan.speculate:  # a plain step: what speculation learnt before it fades (a probe after a long
             # fallback is judged on what it finds, not outweighed by the steps that led to the fallback)
-            if plan.free:
-                self._measure_free(slots, rows, draft_seconds, verify_seconds)
             self.streak = 0
             self._fade(0)
             self._refresh(0)
@@ -466,24 +443,6 @@ class Controller:
             self.width = (1 - ema) * self.width + ema * sum(drafted) / len(drafted)
         self._update_threshold()
         self._decide_fallback()
-
-    def _measure_free(
-        self, slots: int, rows: list[tuple[int, int, int, float]], draft_seconds: float, verify_seconds: float
-    ) -> None:
-        """A plain step that asked the free sources: what their drafts saved (each accepted token a row's share of a
-        plain step, less the extra verification of the trees) against what drafting them took; while the sums
-        say it does not pay, in a batch, the next `probe_after` plain steps skip it (`free_left`)."""
-        cfg = self.config
-        plain = self._verify_times()[0]  # the batch's plain step
-        extra = max(verify_seconds - plain, 0.0) if slots > self.rows else 0.0
-        saved = sum(accepted for _, _, accepted, _ in rows) * plain / self.rows - extra
-        d = cfg.free_discount
-        self.free_saved = d * self.free_saved + saved
-        self.free_spent = d * self.free_spent + draft_seconds
-        self.free_steps += 1
-        measured = self.free_steps >= cfg.probe_after
-        if self.rows > 1 and measured and self.free_saved < self.free_spent:
-            self.free_left = cfg.probe_after
 
     def _fade(self, streak: int) -> None:
         """One step older: streak state `streak`'s acceptance counts and its prior weigh `discount` times less."""

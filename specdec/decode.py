@@ -113,7 +113,7 @@ def decode(
         step_time = parts.controller.plain_step_time() if parts.controller else None
         state = _state(ids[:, : len(tokens)], room, plan, limits.sampling, generator, hidden, step_time, features)
         state = replace(state, streams=stream_states)
-        if plan is not None and not plan.speculate and plan.free and parts.drafter.free:  # free sources only
+        if plan is not None and not plan.speculate and parts.drafter.free:  # opportunistic: free sources only
             depth = min(room - 1, parts.controller.config.max_depth)
             state = replace(state, max_depth=depth, budget=None, free_only=True)
         asked = state  # what the drafter is asked for: the plan less the streams
@@ -384,7 +384,7 @@ def _propose_rows(parts: Parts, active: list[_Row], plan: Plan | None, generator
     controller = parts.controller
     step_time = controller.plain_step_time() if controller else None
     states = [row.state(plan, generator, step_time) for row in active]
-    free_only = plan is not None and not plan.speculate and plan.free and parts.drafter.free
+    free_only = plan is not None and not plan.speculate and parts.drafter.free
     if free_only:  # opportunistic: free sources only, at most `max_budget` nodes over all rows (every row is
         # padded to the largest tree: 8 rows of 11 nodes made an 88-token step on SmolLM2)
         cfg = controller.config

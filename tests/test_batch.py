@@ -305,38 +305,6 @@ def test_the_controller_shrinks_trees_as_the_batch_grows_and_falls_back():
         Controller().plan(rows=0)
 
 
-class _PlainNoFree(Controller):
-    """Falls back for good and says not to ask even the free sources."""
-
-    def plan(self, rows: int = 1) -> Plan:
-        super().plan(rows)
-        return Plan(False, 0, 0, self.threshold, free=False)
-
-
-class _PlainFree(_PlainNoFree):
-    def plan(self, rows: int = 1) -> Plan:
-        super().plan(rows)
-        return Plan(False, 0, 0, self.threshold, free=True)
-
-
-@pytest.mark.parametrize("batch", [False, True])
-def test_fallback_steps_ask_free_sources_only_when_the_plan_says_so(models, cases, batch):
-    """Free sources (n-gram with a memory of the answers: nearly every draft a hit) in plain steps: verified where the
-    plan says `free`, not drafted at all where it does not; every row exact either way."""
-    target, _ = models["llama"]
-    rows, eos, expected, _ = cases["llama"]
-    rows, expected = (rows, expected) if batch else (rows[:1], expected_batch(target, rows[:1], eos))
-    sizes = {}
-    for controller in (_PlainFree(), _PlainNoFree()):
-        drafter = NGramDrafter(memory=memory_of(target, rows), remember=False)
-        out = run(target, drafter, rows, eos, controller=controller)
-        assert torch.equal(out.sequences, expected)
-        stats = out.spec_stats
-        sizes[type(controller).__name__] = stats.step_slots if batch else stats.tree_sizes
-    assert max(sizes["_PlainFree"]) > (len(rows) if batch else 1)  # hits verified in plain steps
-    assert max(sizes["_PlainNoFree"]) == (len(rows) if batch else 1)  # nothing drafted
-
-
 def test_compaction_in_every_step_keeps_every_row_exact(models, monkeypatch):
     """The loop compacts when holes waste half the cache; forced at every step, the output must not change."""
     target, small = models["llama"]

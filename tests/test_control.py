@@ -299,45 +299,6 @@ def test_free_sources_still_draft_while_the_controller_falls_back():
     assert stats.mean_accepted_length > 1.0 and max(stats.tree_sizes) > 1  # hits taken all the same
 
 
-def free_steps(controller: _Controller, steps: int, rows: int, accepted: int, draft: float) -> list[bool]:
-    """Plain steps of `rows` rows (a 110 ms step) that ask the free sources when their plan says so: their drafts
-    cost `draft` seconds a step, and every other step `accepted` tokens of them are taken (in trees of 2 nodes a row,
-    which verify in 120 ms; in the steps between, the drafts do not pay and are not verified). What each plan said
-    about free drafts."""
-    controller.plain_left = 10**6  # the controller falls back for good
-    asked = []
-    for i in range(steps):
-        plan = controller.plan(rows=rows)
-        asked.append(plan.free)
-        if plan.free and accepted and i % 2 == 0:
-            controller.update_batch(plan, 2 * rows, [(2, 1, accepted > r, 0.5) for r in range(rows)], draft, 0.120)
-        elif plan.free:
-            controller.update_batch(plan, rows, [(1, 0, 0, 0.0)] * rows, draft, 0.110)
-        else:
-            controller.update_batch(plan, rows, [(1, 0, 0, 0.0)] * rows, 0.0, 0.110)
-    return asked
-
-
-def test_free_drafts_that_cost_more_than_they_save_are_asked_rarely():
-    """16 rows: 6 ms of n-gram lookups a step, never a hit. Once `probe_after` steps are measured, fallback steps
-    ask them once every `probe_after + 1` steps; a new generation asks again at once."""
-    c = _Controller(ControlConfig(probe_after=8))
-    asked = free_steps(c, 98, rows=16, accepted=0, draft=0.006)
-    assert asked[:8] == [True] * 8 and asked[8:] == ([False] * 8 + [True]) * 10
-    c.start()
-    assert c.plan(rows=16).free
-    one = free_steps(_Controller(ControlConfig(probe_after=8)), 40, rows=1, accepted=0, draft=0.006)
-    assert all(one)  # one prompt: a hit saves whole steps, the lookup is always asked
-
-
-def test_free_drafts_that_pay_are_asked_in_every_fallback_step():
-    """One prompt: 0.4 ms of lookup a step, a token taken every other step saves far more (a 110 ms step); and 16
-    rows whose drafts give 6 of them a token every other step (6 x 7 ms saved, 10 ms of extra verification, against
-    12 ms of lookups in two steps)."""
-    assert all(free_steps(_Controller(), 100, rows=1, accepted=1, draft=0.0004))
-    assert all(free_steps(_Controller(), 100, rows=16, accepted=6, draft=0.006))
-
-
 def test_a_draft_that_ignores_its_budget_and_is_never_accepted_is_soon_left_alone():
     """Like eval/stress.py's Useless: 4-token chains whatever the plan's budget, never accepted, and verification
     that is dear beyond one token (one CPU thread); the 2-3 node size class is never measured."""
