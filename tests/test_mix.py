@@ -187,3 +187,25 @@ def test_mix_rows_hold_every_kind_and_hold_out_across_them(tmp_path, tokenizer, 
     held = [r for r in rows if r["heldout"]]
     assert {r["task"] for r in held} >= {"multi-turn chat", "translation"} and 4 <= len(held) <= 8
     assert mix.mix_rows(cfg, None, tokenizer, tmp_path) == rows  # read back from the shards
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data")
+def test_the_lite_mix_is_part_of_the_mix_and_covers_the_same_tasks():
+    """conf/data/mix_lite.yaml (the shipped Medusa heads' fine-tuning): the same seeded draws as the whole mix, fewer
+    of them, so that the whole mix's answers serve it; every task type kept; only the answers' dtype differs."""
+    whole = app_config("train_medusa", ["data.self_prompts=0"])
+    lite = app_config("train_medusa", ["data=mix_lite", "data.self_prompts=0"])
+
+    def prompts(cfg) -> tuple[set[str], list[list[str]], list[str]]:
+        dialogs = mix.dialog_turns(cfg)
+        return {p["text"] for p in data.collect_prompts(cfg)}, dialogs, mix.english_sentences(cfg, dialogs)
+
+    (singles, dialogs, sentences), (lite_singles, lite_dialogs, lite_sentences) = prompts(whole), prompts(lite)
+    assert lite_singles < singles and len(lite_singles) < len(singles) / 2
+    assert lite_dialogs == dialogs[: len(lite_dialogs)] and set(lite_sentences) <= set(sentences)
+    assert set(lite.data.sources) == set(whole.data.sources) and set(lite.data.t0) == set(whole.data.t0)
+    assert (
+        app_config("train_medusa", ["data=mix_lite"]).data.self_prompts == app_config("train_medusa").data.self_prompts
+    )
+    settings = ("max_prompt_tokens", "max_new_tokens", "gen_batch_size", "topk", "dialog_turns")
+    assert [lite.data[k] for k in settings] == [whole.data[k] for k in settings]
