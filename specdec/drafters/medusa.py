@@ -90,30 +90,35 @@ class MedusaDrafter(Drafter):
         all depth-`d` nodes that have children (path = root + the node's tokens). A node below the plan's
         threshold gets no children: theirs would score lower still, and `trim` would drop them (so each
         depth that nothing reaches saves a head call)."""
-        paths: dict[tuple[int, ...], list[int]] = {(): [state.root]}
-        scores: dict[tuple[int, ...], list[float]] = {(): [0.0]}
+        paths: dict[tuple[int, ...], list[int]] = {(): [state.root]}  # each node's tokens from the root
+        node: dict[tuple[int, ...], int] = {(): 0}  # each choice's node, numbered depth by depth in choice order
+        tokens, parents, scores = [state.root], [-1], [0.0]
         for depth in range(1, max(len(c) for c in choices) + 1):
             level = sorted(c for c in choices if len(c) == depth)
-            parents = sorted({c[:-1] for c in level if c[:-1] in paths and _expands(c[:-1], scores, state)})
-            if not parents:
+            expanding = sorted({c[:-1] for c in level if c[:-1] in node and _expands(c[:-1], node, scores, state)})
+            if not expanding:
                 break
-            path = torch.tensor([paths[p] for p in parents], device=state.hidden.device)  # [P, depth]
-            hidden = state.hidden.expand(len(parents), -1)
+            path = torch.tensor([paths[p] for p in expanding], device=state.hidden.device)  # [P, depth]
+            hidden = state.hidden.expand(len(expanding), -1)
             features = self.heads.head_features(depth - 1, hidden, path, self._embed)
             top_lp, top_tok = (t.tolist() for t in self._top(self._weights[depth - 1], features))
-            rows = {parent: row for row, parent in enumerate(parents)}
+            rows = {parent: row for row, parent in enumerate(expanding)}
             for choice in level:
                 parent, rank = choice[:-1], choice[-1]
-                if parent in rows:
-                    paths[choice] = paths[parent] + [top_tok[rows[parent]][rank]]
-                    scores[choice] = scores[parent] + [scores[parent][-1] + top_lp[rows[parent]][rank]]
-        order = sorted((c for c in paths if c), key=lambda c: (len(c), c))
-        return TokenTree.trie(state.root, [paths[c][1:] for c in order], [scores[c][1:] for c in order])
+                if parent in rows:  # siblings are distinct top-k picks: no two share a token
+                    token = top_tok[rows[parent]][rank]
+                    node[choice], paths[choice] = len(tokens), [*paths[parent], token]
+                    tokens.append(token)
+                    parents.append(node[parent])
+                    scores.append(scores[node[parent]] + top_lp[rows[parent]][rank])
+        return TokenTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(scores))
 
 
-def _expands(node: tuple[int, ...], scores: dict[tuple[int, ...], list[float]], state: DecodeState) -> bool:
-    """Whether `node` gets children: the root always, other nodes when they reach the plan's threshold."""
-    return not node or scores[node][-1] >= state.min_score
+def _expands(
+    choice: tuple[int, ...], node: dict[tuple[int, ...], int], scores: list[float], state: DecodeState
+) -> bool:
+    """Whether `choice`'s node gets children: the root always, other nodes when they reach the plan's threshold."""
+    return not choice or scores[node[choice]] >= state.min_score
 
 
 def _first(choices: list[tuple[int, ...]], budget: int | None) -> list[tuple[int, ...]]:
