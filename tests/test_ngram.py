@@ -1,5 +1,6 @@
 """N-gram streaming source and Composite: index, ranking, and greedy equality with target.generate."""
 
+import itertools
 import math
 import time
 
@@ -29,6 +30,25 @@ def test_index_forgets_beyond_recent():
     index = NGramIndex(min_n=1, max_n=1, recent=2)
     index.extend([1, 10, 1, 11, 1, 12, 1])
     assert index.continuations(1, 1) == [[12], [11]]
+
+
+def test_index_built_in_pieces_equals_the_index_built_at_once():
+    tokens = torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    whole = NGramIndex(min_n=2, max_n=4, recent=3)
+    whole.extend(tokens)
+    pieces, cuts = NGramIndex(min_n=2, max_n=4, recent=3), [0, 1, 2, 3, 7, 20, 21, 150, 300]
+    for a, b in itertools.pairwise(cuts):
+        pieces.extend(tokens[a:b])
+        for n in (2, 3, 4):
+            seen = tokens[:b]
+            assert pieces.continuations(n, 4) == [seen[p : p + 4] for p in _follows(seen, n)[:3]]
+    assert [whole.continuations(n, 4) for n in (2, 3, 4)] == [pieces.continuations(n, 4) for n in (2, 3, 4)]
+
+
+def _follows(tokens: list[int], n: int) -> list[int]:
+    """Positions that followed earlier occurrences of the last `n` tokens, newest first, by brute force."""
+    suffix = tokens[-n:]
+    return [i for i in range(len(tokens) - 1, n - 1, -1) if tokens[i - n : i] == suffix]
 
 
 def test_drafter_merges_distinct_continuations_longest_match_first():
