@@ -33,6 +33,9 @@ class Acceptance:
         return len(self.path) - 1
 
 
+_ONE_ARGMAX = 1 << 16  # logits this small (or on a GPU): one argmax over every row costs less than a call per level
+
+
 def greedy(tree: TokenTree, logits: torch.Tensor) -> Acceptance:
     """The longest root-to-node path whose every token is the target's argmax after its parent.
 
@@ -45,11 +48,14 @@ def greedy(tree: TokenTree, logits: torch.Tensor) -> Acceptance:
         the argmax after its last node. The result equals plain greedy decoding token for token.
     """
     _check_rows(tree, logits)
-    tokens = tree.tokens.tolist()
-    # level by level, the argmax of accepted nodes only (an argmax over the vocabulary is the costly part)
+    tokens, everything = tree.tokens.tolist(), None
+    if logits.device.type != "cpu" or logits.numel() <= _ONE_ARGMAX:  # every row at once: one call, one sync
+        everything = logits.argmax(dim=-1).tolist()
+    # else level by level, the argmax of accepted nodes only (an argmax over the vocabulary is the costly part)
     level, pred = [0], {}
     while True:
-        for node, token in zip(level, logits[level].argmax(dim=-1).tolist(), strict=True):
+        found = [everything[n] for n in level] if everything is not None else logits[level].argmax(dim=-1).tolist()
+        for node, token in zip(level, found, strict=True):
             pred[node] = token
         deeper = sorted(c for node in level for c in tree.children(node) if tokens[c] == pred[node])
         if not deeper:

@@ -112,7 +112,8 @@ def decode(
         plan = parts.controller.plan() if parts.controller else None
         step_time = parts.controller.plain_step_time() if parts.controller else None
         state = _state(ids[:, : len(tokens)], room, plan, limits.sampling, generator, hidden, step_time, features)
-        state = replace(state, streams=stream_states)
+        if stream_states is not None:
+            state = replace(state, streams=stream_states)
         if plan is not None and not plan.speculate and parts.drafter.free:  # opportunistic: free sources only
             depth = min(room - 1, parts.controller.config.max_depth)
             state = replace(state, max_depth=depth, budget=None, free_only=True)

@@ -221,9 +221,15 @@ def aux_hidden_states(model: PreTrainedModel, layers: Sequence[int]) -> Iterator
 
 def wall_time(model: PreTrainedModel) -> float:
     """`time.perf_counter()` after the model's device has finished its queued work."""
-    if torch.cuda.is_available() and (device := input_device(model)).type == "cuda":
+    if _has_cuda() and (device := input_device(model)).type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+@functools.cache
+def _has_cuda() -> bool:
+    """`torch.cuda.is_available()`, asked once: the loop reads the clock several times a step."""
+    return torch.cuda.is_available()
 
 
 def _last_logits_only(model: PreTrainedModel) -> dict:

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from specdec import acceptance
 from specdec.acceptance import Typical, greedy, rejection_sample, typical
 from specdec.tree import TokenTree
 
@@ -32,7 +33,9 @@ def test_accepts_the_matching_branch_and_the_bonus_token():
     assert result.tokens == [3, 4, 0]
 
 
-def test_matches_brute_force_on_random_trees_with_repeated_tokens():
+@pytest.mark.parametrize("one_argmax", [0, 1 << 30], ids=["level_by_level", "all_rows_at_once"])
+def test_matches_brute_force_on_random_trees_with_repeated_tokens(one_argmax, monkeypatch):
+    monkeypatch.setattr(acceptance, "_ONE_ARGMAX", one_argmax)  # small CPU logits take one argmax, large ones not
     rng = random.Random(0)
     for _ in range(300):
         n, vocab = rng.randint(1, 24), rng.randint(2, 4)  # a small vocabulary: many matches and ties

@@ -6,6 +6,7 @@ import copy
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers import PreTrainedModel
@@ -57,12 +58,12 @@ class DecodeState:
     features: torch.Tensor | None = None  # [T, k*H]
     streams: torch.Tensor | None = None  # [k, H]
 
-    @property
+    @cached_property
     def min_score(self) -> float:
         """`threshold` as a path log-probability."""
         return math.log(self.threshold) if self.threshold > 0 else float("-inf")
 
-    @property
+    @cached_property
     def root(self) -> int:
         return int(self.tokens[0, -1])
 
