@@ -7,9 +7,9 @@ adds the vocabulary-wide work of a SmolLM2-sized LM head (the draft's log-softma
 Overhead = wall time of `generate`'s loop (after the prefill) minus the time inside the target's and the draft
 model's forward calls (forward pre/post hooks), divided by the verification steps; the best of `--repeats`
 runs after a warm-up (the least disturbed by other work on the machine). What `generate` does once per call
-before the prefill (argument checks) is `setup`. Medusa heads' layers count as forwards, their top-k over the
-LM head's rows as overhead. The controller's own cost (`plan` + `update` per step) is measured apart, on
-synthetic steps.
+before the prefill (argument checks) is `setup`. Medusa heads' layers and their LM head (a matmul over the draft
+vocabulary) count as forwards, the log-softmax and top-k of its rows as overhead. The controller's own cost
+(`plan` + `update` per step) is measured apart, on synthetic steps.
 
 Run: taskset -c 0 env OMP_NUM_THREADS=1 .venv/bin/python -m eval.bench_overhead [--profile ngram:32]
 """
@@ -76,6 +76,19 @@ class ForwardClock:
     def watch(self, module) -> None:
         module.register_forward_pre_hook(self._start)
         module.register_forward_hook(self._stop)
+
+    def watch_call(self, owner, name: str) -> None:
+        """Count the calls of the function `owner.name` as forwards too (an LM head applied as a matmul)."""
+        function = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            self._start()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self._stop()
+
+        setattr(owner, name, timed)
 
     def reset(self) -> None:
         self.seconds, self._tic, self._depth, self.first_start, self.first_end = 0.0, 0.0, 0, None, None
@@ -147,9 +160,10 @@ def main() -> None:
     rows = []
     for source, nodes in cases:
         drafter = drafter_for(source, nodes, target, draft)
-        if source == "medusa":  # the heads' layers and the embeddings of their paths are draft forwards
+        if source == "medusa":  # the heads' layers, their LM head and the embeddings of their paths: draft forwards
             for module in (*drafter.heads.blocks, *drafter.heads.path_inputs, target.get_input_embeddings()):
                 clock.watch(module)
+            clock.watch_call(drafter, "_logits")
         gen = specdec.SpeculativeGenerator(target, drafter, controller=None)
         measure(gen, prompt, clock, args.new_tokens)  # warm-up
         if args.profile:

@@ -167,7 +167,7 @@ def decode(
                 new_logits.append(logits[node : node + 1].float().clone())
             if done := should_stop(tokens, logits[node : node + 1], limits):
                 break
-        ids[0, len(tokens) - len(emitted) : len(tokens)] = torch.tensor(emitted)
+        ids.numpy()[0, len(tokens) - len(emitted) : len(tokens)] = emitted  # numpy: no tensor made for a few ints
         new_tokens += emitted
         stats.accept_lengths.append(len(emitted))
         if streamer is not None:
@@ -299,7 +299,7 @@ class _Row:
             self.done = should_stop(self.tokens, logits[node : node + 1], self.limits)
             if self.done:
                 break
-        self.ids[0, len(self.tokens) - len(emitted) : len(self.tokens)] = torch.tensor(emitted)
+        self.ids.numpy()[0, len(self.tokens) - len(emitted) : len(self.tokens)] = emitted
         self.new += emitted
         self.stats.accept_lengths.append(len(emitted))
 

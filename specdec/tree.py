@@ -63,7 +63,7 @@ class TokenTree:
                 f"tokens and parents must be non-empty 1-D tensors of one length, got "
                 f"{tuple(self.tokens.shape)} and {tuple(self.parents.shape)}"
             )
-        parents = self.parents.tolist()
+        parents = self._parent_list
         if parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i > 0):
             raise ValueError(f"parents must be -1 for the root and point to an earlier node, got {parents}")
         if self.scores is not None and self.scores.shape != self.tokens.shape:
@@ -76,7 +76,7 @@ class TokenTree:
     @cached_property
     def is_chain(self) -> bool:
         """Every node's parent is the node before it (a single path)."""
-        return self.parents.tolist() == list(range(-1, len(self) - 1))
+        return self._parent_list == list(range(-1, len(self) - 1))
 
     # ---------------------------------------------------------------- builders
 
@@ -175,25 +175,29 @@ class TokenTree:
         return len(self.tokens)
 
     @cached_property
-    def _paths_to(self) -> list[list[int]]:
-        """Each node's path from the root (its ancestors, then itself), in index order. Built in Python: one
-        tensor operation per node (as a row-by-row mask would be) costs more than the whole list on a CPU."""
-        paths = [[0]]
-        for i, p in enumerate(self.parents.tolist()[1:], start=1):
-            paths.append([*paths[p], i])
-        return paths
+    def _parent_list(self) -> list[int]:
+        return self.parents.tolist()
+
+    @cached_property
+    def _depths(self) -> list[int]:
+        """Each node's distance from the root. The tree's structure is read in Python: one tensor operation per
+        node costs more than the whole list on a CPU."""
+        depths = [0] * len(self)
+        for i, p in enumerate(self._parent_list[1:], start=1):
+            depths[i] = depths[p] + 1
+        return depths
 
     @cached_property
     def depth(self) -> torch.Tensor:
         """`[N]` distance from the root (root = 0)."""
-        return torch.tensor([len(path) - 1 for path in self._paths_to], dtype=torch.long)
+        return torch.tensor(self._depths, dtype=torch.long)
 
     @cached_property
     def ancestor_mask(self) -> torch.Tensor:
         """`[N, N]` bool: `mask[i, j]` is True when `j` is `i` or one of its ancestors."""
         n = len(self)
         rows = bytearray(n * n)  # row i: its parent's row, and itself (built in bytes: 8x faster than indexing)
-        for i, p in enumerate(self.parents.tolist()):
+        for i, p in enumerate(self._parent_list):
             if p >= 0:
                 rows[i * n : (i + 1) * n] = rows[p * n : (p + 1) * n]
             rows[i * n + i] = 1
@@ -202,7 +206,7 @@ class TokenTree:
     @cached_property
     def leaves(self) -> list[int]:
         """Nodes without children, in index order."""
-        has_child = set(self.parents.tolist()[1:])
+        has_child = set(self._parent_list[1:])
         return [i for i in range(len(self)) if i not in has_child]
 
     @cached_property
@@ -212,7 +216,10 @@ class TokenTree:
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to `node`, both included."""
-        return list(self._paths_to[node])
+        path, parents = [node], self._parent_list
+        while path[-1] > 0:
+            path.append(parents[path[-1]])
+        return path[::-1]
 
     def children(self, node: int) -> list[int]:
         """`node`'s children, in index order."""
@@ -221,13 +228,13 @@ class TokenTree:
     @cached_property
     def _children(self) -> dict[int, list[int]]:
         children: dict[int, list[int]] = {}
-        for node, parent in enumerate(self.parents.tolist()[1:], start=1):
+        for node, parent in enumerate(self._parent_list[1:], start=1):
             children.setdefault(parent, []).append(node)
         return children
 
     @property
     def max_depth(self) -> int:
-        return max(len(path) for path in self._paths_to) - 1
+        return max(self._depths)
 
     @property
     def is_sampled(self) -> bool:

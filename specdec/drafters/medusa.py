@@ -56,10 +56,14 @@ class MedusaDrafter(Drafter):
         self._weights = self.heads.lm_weights(target.get_output_embeddings())  # [V', H] per head
         self._embed = resident(target.get_input_embeddings())  # path-conditioned heads embed at every step
 
+    def _logits(self, weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The heads' LM head: `[P, H]` features -> `[P, V']` logits over the draft vocabulary."""
+        return torch.nn.functional.linear(features, weight)
+
     def _top(self, weight: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top candidates for `[P, H]` features under LM-head `weight`: log-probabilities (over the draft
         vocabulary) and token ids, `[P, topk]` each, on the CPU."""
-        top_lp, top = torch.log_softmax((features @ weight.T).float(), dim=-1).topk(self.topk, dim=-1)
+        top_lp, top = torch.log_softmax(self._logits(weight, features).float(), dim=-1).topk(self.topk, dim=-1)
         if self.heads.config.draft_vocab:
             top = self.heads.vocab[top]
         return top_lp.cpu(), top.cpu()
