@@ -49,24 +49,26 @@ class MedusaDrafter(Drafter):
             raise ValueError(f"choices must be non-empty and at most {num_heads} deep (one depth per head)")
         self.heads = heads
         self.topk = max(max(c) for c in self.choices) + 1
-        self._weights = self._embed = None
+        self._weights = self._embed = self._vocab = None
 
     def start(self, target: PreTrainedModel) -> None:
         self.heads.check(target)
         self._weights = self.heads.lm_weights(target.get_output_embeddings())  # [V', H] per head
         self._embed = resident(target.get_input_embeddings())  # path-conditioned heads embed at every step
+        self._vocab = self.heads.vocab.tolist() if self.heads.config.draft_vocab else None
 
     def _logits(self, weight: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """The heads' LM head: `[P, H]` features -> `[P, V']` logits over the draft vocabulary."""
         return torch.nn.functional.linear(features, weight)
 
-    def _top(self, weight: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _top(self, weight: torch.Tensor, features: torch.Tensor) -> tuple[list[list[float]], list[list[int]]]:
         """Top candidates for `[P, H]` features under LM-head `weight`: log-probabilities (over the draft
-        vocabulary) and token ids, `[P, topk]` each, on the CPU."""
+        vocabulary) and token ids, `P` lists of `topk` each."""
         top_lp, top = torch.log_softmax(self._logits(weight, features).float(), dim=-1).topk(self.topk, dim=-1)
-        if self.heads.config.draft_vocab:
-            top = self.heads.vocab[top]
-        return top_lp.cpu(), top.cpu()
+        top_lp, top = top_lp.tolist(), top.tolist()
+        if self._vocab is not None:  # draft vocabulary rows -> token ids
+            top = [[self._vocab[t] for t in row] for row in top]
+        return top_lp, top
 
     @torch.no_grad()
     def propose(self, state: DecodeState) -> TokenTree:
@@ -85,8 +87,8 @@ class MedusaDrafter(Drafter):
             top_lp, top_tok = self._top(self._weights[0], features)  # [K, k]
         else:
             tops = [self._top(w, f.unsqueeze(0)) for w, f in zip(self._weights, features, strict=True)]
-            top_lp, top_tok = (torch.cat(t) for t in zip(*tops, strict=True))
-        tree = TokenTree.from_choices(state.root, choices, top_tok, top_lp)
+            top_lp, top_tok = ([row for lp, _ in tops for row in lp], [row for _, tok in tops for row in tok])
+        tree = TokenTree.from_choices(state.root, choices, torch.tensor(top_tok), torch.tensor(top_lp))
         return trim(tree, state)
 
     def _path_tree(self, state: DecodeState, choices: list[tuple[int, ...]]) -> TokenTree:
@@ -105,7 +107,7 @@ class MedusaDrafter(Drafter):
             path = torch.tensor([paths[p] for p in expanding], device=state.hidden.device)  # [P, depth]
             hidden = state.hidden.expand(len(expanding), -1)
             features = self.heads.head_features(depth - 1, hidden, path, self._embed)
-            top_lp, top_tok = (t.tolist() for t in self._top(self._weights[depth - 1], features))
+            top_lp, top_tok = self._top(self._weights[depth - 1], features)
             rows = {parent: row for row, parent in enumerate(expanding)}
             for choice in level:
                 parent, rank = choice[:-1], choice[-1]
