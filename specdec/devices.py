@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 
 def _hooks(module: nn.Module) -> list:
     """accelerate's hooks on `module` (a `SequentialHook` unpacked), none when it has no hook."""
-    hook = getattr(module, "_hf_hook", None)
+    hook = vars(module).get("_hf_hook")  # a plain attribute; nn.Module's lookup of a missing one is slow
     return [] if hook is None else list(getattr(hook, "hooks", [hook]))
 
 

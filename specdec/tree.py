@@ -409,17 +409,19 @@ def expand_topk(
     if budget <= 0 or branching <= 0 or len(frontier) == 0:
         return TokenTree(tree.tokens, tree.parents, scores), []
     top_lp, top_tok = logprobs.float().topk(min(branching, logprobs.shape[-1]), dim=-1)  # [F, b]
-    parent_idx = torch.as_tensor(frontier, dtype=torch.long)
-    path_scores = scores[parent_idx].unsqueeze(-1) + top_lp  # [F, b]
-    ranked = path_scores.flatten().argsort(descending=True)
-    best = torch.cat([ranked.new_zeros(1), ranked[ranked != 0]])[:budget]  # flat index 0: frontier[0]'s top child
-    best = best[path_scores.flatten()[best] >= min_score]
-    rows, cols = best // top_tok.shape[1], best % top_tok.shape[1]
+    base = scores.tolist()  # the few candidates are ranked in Python: tensor calls cost more on a CPU
+    candidates = [  # (path score, parent, token); frontier[0]'s top child first
+        (base[parent] + lp, parent, token)
+        for parent, lps, tokens in zip(frontier, top_lp.tolist(), top_tok.tolist(), strict=True)
+        for lp, token in zip(lps, tokens, strict=True)
+    ]
+    best = [candidates[0], *sorted(candidates[1:], key=lambda c: -c[0])][:budget]  # stable: ties in order
+    best = [c for c in best if c[0] >= min_score]
     n = len(tree)
     grown = TokenTree(
-        tokens=torch.cat([tree.tokens, top_tok[rows, cols]]),
-        parents=torch.cat([tree.parents, parent_idx[rows]]),
-        scores=torch.cat([scores, path_scores[rows, cols]]),
+        tokens=torch.cat([tree.tokens, torch.tensor([token for _, _, token in best], dtype=torch.long)]),
+        parents=torch.cat([tree.parents, torch.tensor([parent for _, parent, _ in best], dtype=torch.long)]),
+        scores=torch.cat([scores, torch.tensor([score for score, _, _ in best], dtype=scores.dtype)]),
     )
     return grown, list(range(n, n + len(best)))
 
