@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from specdec import acceptance, distributed, kv, verify
-from specdec.control import Controller, Plan
+from specdec.control import SMALL, Controller, Plan
 from specdec.drafters.base import DecodeState, Drafter
 from specdec.hf_args import Limits
 from specdec.sampling import Sampling
@@ -124,6 +124,8 @@ def decode(
         tree = parts.drafter.propose(asked).truncate(state.max_depth).limit(asked.budget)  # within the plan
         if state.free_only and not parts.controller.pays(len(tree), tree.expected_gain):
             tree = tree.truncate(0)  # a fallback step: the free draft does not pay, take a plain step
+        if plan is not None and not plan.speculate and not reserve and len(tree) <= SMALL:  # a plain step: padded
+            tree = _pad(tree, parts.controller.pad_width(), tokens, room)  # where fewer nodes verify slower
         streams = parts.drafter.streams(tree, state) if reserve else None  # `reserve` tokens of them
         if int(tree.tokens[0]) != state.root:
             raise RuntimeError(f"{type(parts.drafter).__name__} proposed a tree not rooted at the last token")
@@ -175,6 +177,24 @@ def decode(
         if done:
             parts.drafter.finish(new_tokens)
             return new_tokens, new_logits, stats
+
+
+def _pad(tree: TokenTree, width: int, tokens: list[int], room: int) -> TokenTree:
+    """`tree` grown to `width` nodes (where the controller measured that many cheaper to verify than fewer) by a
+    chain of guesses below its last node: what followed that node's token where it last occurred, a unigram
+    match (they are verified like any draft, so whatever they are, the output stays exact). Never deeper than the
+    `room - 1` tokens left before the bonus token."""
+    last = len(tree) - 1
+    count = min(width - len(tree), room - 1 - int(tree.depth[last]))
+    if count <= 0:
+        return tree
+    token, seen = int(tree.tokens[last]), tokens[:-1]
+    try:
+        where = len(seen) - 1 - seen[::-1].index(token)
+    except ValueError:
+        where = len(seen)
+    guesses = seen[where + 1 : where + 1 + count]
+    return tree.add_chain(last, guesses + [token] * (count - len(guesses)))
 
 
 def accept(

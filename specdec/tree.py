@@ -248,6 +248,23 @@ class TokenTree:
 
     # ---------------------------------------------------------------- transforms
 
+    def add_chain(self, node: int, tokens: Sequence[int], score: float = -30.0) -> TokenTree:
+        """This tree with a chain of `tokens` below `node` (new nodes last, in order). Their scores are `score`
+        (a path log-probability: the default says "no confidence"); they are deterministic proposals."""
+        n, k = len(self), len(tokens)
+        if k == 0:
+            return self
+        parents = torch.tensor([node, *range(n, n + k - 1)], dtype=torch.long)
+        return TokenTree(
+            torch.cat([self.tokens, torch.tensor(list(tokens), dtype=torch.long)]),
+            torch.cat([self.parents, parents]),
+            None if self.scores is None else torch.cat([self.scores, self.scores.new_full((k,), score)]),
+            None if self.sampled is None else torch.cat([self.sampled, self.sampled.new_zeros(k)]),
+            None
+            if self.draft_probs is None
+            else torch.cat([self.draft_probs, self.draft_probs.new_zeros(k, self.draft_probs.shape[1])]),
+        )
+
     def select(self, keep: torch.Tensor) -> TokenTree:
         """The subtree of nodes where `keep` (`[N]` bool) is True; a kept node needs a kept parent.
 

@@ -6,12 +6,14 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from tiny import VOCAB, small_draft, tiny_model
+from tiny import ARCHS, VOCAB, small_draft, tiny_model
 
 import specdec
 from specdec.control import ControlConfig, Plan
 from specdec.control import Controller as _Controller
+from specdec.decode import _pad
 from specdec.drafters import ModelDrafter
+from specdec.tree import TokenTree
 
 
 class Controller(_Controller):
@@ -287,7 +289,7 @@ def test_free_sources_still_draft_while_the_controller_falls_back():
         def plan(self) -> Plan:
             return Plan(False, 0, 0, self.threshold)  # every step is planned plain
 
-    controller = StuckInFallback()
+    controller = StuckInFallback(ControlConfig(pad_steps=False))  # the hits are the n-gram's, not guesses
     drafter = specdec.drafters.Composite([specdec.drafters.NGramDrafter(), ModelDrafter(draft)])
     out = specdec.generate(
         target, x, drafter=drafter, controller=controller, max_new_tokens=40, eos_token_id=None,
@@ -332,3 +334,74 @@ def test_the_loop_keeps_any_drafters_tree_within_the_plans_budget():
     )
     assert out.sequences.tolist() == expected.tolist()
     assert max(out.spec_stats.tree_sizes) == 2
+
+
+def test_plain_steps_are_padded_only_where_a_few_nodes_were_measured_cheaper_than_one():
+    c = Controller(ControlConfig(pad_recheck=1000))
+    assert c.pad_width() == 1  # the plain step is not measured yet
+    c.costs.add_verify(1, 0.061)
+    assert c.pad_width() == 2  # each width is tried once
+    c.costs.add_verify(2, 0.054)
+    assert c.pad_width() == 4
+    c.costs.add_verify(4, 0.052)
+    assert c.pad_width() == 8
+    c.costs.add_verify(8, 0.060)
+    assert c.pad_width() == 4  # the cheapest, 15% below a plain step
+    c.costs.add_verify(3, 0.049)
+    assert c.pad_width() == 3  # any measured small size counts
+    c._set_rows(2)
+    assert c.pad_width() == 1  # batches are not padded
+
+    dear = Controller()
+    for size, seconds in [(1, 0.040), (2, 0.041), (4, 0.043), (8, 0.047)]:  # a GPU: one token is the cheapest
+        dear.costs.add_verify(size, seconds)
+    assert dear.pad_width() == 1
+    assert Controller(ControlConfig(pad_steps=False)).pad_width() == 1
+
+
+def test_the_plain_step_is_measured_again_every_pad_recheck_calls():
+    c = Controller(ControlConfig(pad_recheck=4))
+    for size, seconds in [(1, 0.061), (2, 0.054), (4, 0.052), (8, 0.060)]:
+        c.costs.add_verify(size, seconds)
+    assert [c.pad_width() for _ in range(8)] == [4, 4, 4, 1, 4, 4, 4, 1]
+
+
+class PaddedFallback(Controller):
+    """Every step planned plain, and padded to `width` nodes (as measured costs would have it on some CPUs)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def plan(self) -> Plan:
+        return Plan(False, 0, 0, self.threshold)
+
+    def pad_width(self) -> int:
+        return self.width
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_plain_steps_stay_identical_to_plain_decoding(arch):
+    target = tiny_model(arch)
+    x = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
+    x = torch.cat([x, x[:, :5]], 1)  # repeats: some guesses are right
+    expected = target.generate(x, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    out = specdec.generate(
+        target, x, drafter=ModelDrafter(small_draft(arch)), controller=PaddedFallback(4), max_new_tokens=30,
+        eos_token_id=None, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, expected)
+    sizes = out.spec_stats.tree_sizes
+    assert sizes.count(4) >= len(sizes) - 3 and max(sizes) == 4  # the last steps have no room for all of them
+
+
+def test_padding_guesses_what_followed_the_last_token_and_keeps_within_the_room():
+    root_only = TokenTree.chain(5)
+    tokens = [5, 6, 7, 5, 9, 5]  # 5 last occurred (before now) followed by 9, then 5
+    assert _pad(root_only, 4, tokens, room=10).tokens.tolist() == [5, 9, 5, 5]
+    assert _pad(root_only, 4, tokens, room=2).tokens.tolist() == [5, 9]  # one token and the bonus token
+    assert _pad(TokenTree.chain(3), 4, [1, 2, 3], room=10).tokens.tolist() == [3, 3, 3, 3]  # never seen: repeated
+    tree = TokenTree.trie(5, [[9, 5], [6]])  # 5 | 9 5 | 6: the chain goes below the last node
+    padded = _pad(tree, 6, tokens, room=10)
+    assert padded.parents.tolist() == [-1, 0, 1, 0, 3, 4] and padded.tokens.tolist()[4:] == [7, 5]
+    assert _pad(tree, 3, tokens, room=10) is tree

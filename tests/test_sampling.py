@@ -20,6 +20,7 @@ from heads.eagle import EagleHead
 from heads.medusa import MedusaHeads
 from specdec import acceptance
 from specdec.acceptance import Acceptance
+from specdec.control import Controller, Plan
 from specdec.drafters import EagleDrafter, MedusaDrafter, ModelDrafter, NGramDrafter
 from specdec.sampling import Sampling
 from specdec.tree import TokenTree, expand_sampled
@@ -346,6 +347,28 @@ def test_generate_samples_the_target_distribution(name, drafter, sampling):
     counts = sample_counts(run, x, n=1500, seed=0)
     stat, critical = chi_square(counts, exact_two_tokens(target, x, Sampling(**sampling)))
     assert stat < critical, f"{name}: chi-square {stat:.1f} >= {critical:.1f}"
+
+
+def test_padded_plain_steps_sample_the_target_distribution():
+    """Plain steps padded with guessed tokens (as the controller does where a few nodes verify faster than one)."""
+
+    class PaddedFallback(Controller):
+        def plan(self, rows: int = 1) -> Plan:
+            return Plan(False, 0, 0, self.threshold)
+
+        def pad_width(self) -> int:
+            return 4
+
+    target, draft = tiny_pair()
+    x = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])  # the guess after 4 is 5: often right
+    gen = specdec.SpeculativeGenerator(target, ModelDrafter(draft), controller=PaddedFallback())
+
+    def run(x, generator):
+        return gen.generate(x, max_new_tokens=2, do_sample=True, eos_token_id=None, generator=generator)
+
+    counts = sample_counts(run, x, n=1500, seed=0)
+    stat, critical = chi_square(counts, exact_two_tokens(target, x, Sampling()))
+    assert stat < critical, f"chi-square {stat:.1f} >= {critical:.1f}"
 
 
 def test_generate_with_a_wrong_rule_fails(monkeypatch):
