@@ -36,7 +36,10 @@ From it, each step gets a `Plan`:
   speculation is probed again after `probe_after` steps, doubling (up to `max_probe_after`) while it
   keeps not paying; a new generation probes within `probe_after` steps and keeps half the back-off. Where
   probes are dear (a draft model re-reads the prompt and the tokens it missed: its catch-up), they are spaced
-  so that a failed one costs at most `probe_share` of the plain steps before it (`probe_gap`).
+  so that a failed one costs at most `probe_share` of the plain steps before it (`probe_gap`);
+- padding (`pad_width`): verify times are also kept per exact size up to 8 tokens, and where a plain step's
+  `rows` tokens were measured dearer than `rows` x 2, 4 or 8 (MKL's one-vector kernels on some CPUs), a plain
+  step verifies that many guessed tokens per row instead: faster, and now and then a guess is right.
 """
 
 from __future__ import annotations
@@ -303,25 +306,25 @@ class Controller:
         return self.costs.verify_time(self.rows, self._line) / self.rows
 
     def pad_width(self) -> int:
-        """Nodes a step should verify at least (one prompt; 1 in a batch or without `pad_steps`): a width of 2-8
-        nodes that was measured at least `pad_margin` cheaper to verify than one node, the cheapest such. On some
-        CPUs a one-token forward is dearer than a few tokens' (MKL on this AMD EPYC: SmolLM2's LM head, a matrix
-        times one vector, runs at 10.6 ms for one token and 8.1 ms for four), so a plain step is better spent
-        verifying a few guessed tokens. Widths 2, 4, ... `pad_max` are each tried once after the plain step was
-        measured, and every `pad_recheck`-th call answers 1, so that the plain step goes on being measured."""
-        cfg = self.config
-        if not cfg.pad_steps or self.rows != 1:
+        """Nodes each row's tree should have at least in a plain step (1 without `pad_steps`): a width `w` of 2, 4
+        or 8 whose step (`rows * w` tokens, at most 8) was measured at least `pad_margin` cheaper to verify than
+        the plain step's `rows` tokens, the cheapest such. On some CPUs a forward of one token is dearer than of a
+        few (MKL on this AMD EPYC: SmolLM2's LM head, a matrix times one vector, takes 10.6 ms for one token, 17.8
+        for three and 8.1 for four), so a plain step is better spent verifying a few guessed tokens. Each width is
+        tried once after the plain step was measured, and every `pad_recheck`-th call answers 1, so that the plain
+        step goes on being measured."""
+        cfg, rows, small = self.config, self.rows, self.costs.small
+        if not cfg.pad_steps or rows * 2 > SMALL:
             return 1
         self._pad_calls += 1
-        small = self.costs.small
-        if 1 not in small or self._pad_calls % cfg.pad_recheck == 0:
+        if rows not in small or self._pad_calls % cfg.pad_recheck == 0:
             return 1
-        tried = [2**k for k in range(1, min(cfg.pad_max, SMALL).bit_length())]  # 2, 4, 8
-        untried = [n for n in tried if n not in small]
+        widths = [w for w in (2, 4, 8) if w <= cfg.pad_max and rows * w <= SMALL]
+        untried = [w for w in widths if rows * w not in small]
         if untried:
             return untried[0]
-        best = min((n for n in small if 1 < n <= cfg.pad_max), key=lambda n: (small[n], n), default=1)
-        return best if best > 1 and small[best] <= (1 - cfg.pad_margin) * small[1] else 1
+        best = min(widths, key=lambda w: (small[rows * w], w), default=1)
+        return best if best > 1 and small[rows * best] <= (1 - cfg.pad_margin) * small[rows] else 1
 
     def pays(self, tree_size: int, expected_gain: float) -> bool:
         """Whether verifying trees of `tree_size` nodes (root included; in a batch, the largest tree, to which

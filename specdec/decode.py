@@ -426,6 +426,9 @@ def _propose_rows(parts: Parts, active: list[_Row], plan: Plan | None, generator
         trees.append(tree)
     if free_only and not controller.pays(max(len(t) for t in trees), sum(t.expected_gain for t in trees)):
         trees = [tree.truncate(0) for tree in trees]  # the free drafts do not pay: a plain step
+    if plan is not None and not plan.speculate and max(len(t) for t in trees) <= SMALL:  # padded where that is
+        width = controller.pad_width()  # measured cheaper (a few rows x 1 token can cost more than x 2)
+        trees = [_pad(tree, width, row.tokens, row.room) for tree, row in zip(trees, active, strict=True)]
     return trees, catchup
 
 

@@ -130,6 +130,28 @@ def test_each_row_equals_its_own_target_generate(models, cases, arch, source, co
         assert all(row.accept_lengths[0] == min(4, row.new_tokens) for row in stats.rows)
 
 
+class PaddedFallback(Controller):
+    """Every step planned plain, each row's tree padded to 2 nodes (as measured costs would have it where a few
+    rows of one token cost more than of two)."""
+
+    def plan(self, rows: int = 1) -> Plan:
+        self._set_rows(rows)
+        return Plan(False, 0, 0, self.threshold)
+
+    def pad_width(self) -> int:
+        return 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_plain_steps_of_a_batch_stay_identical(models, cases, arch):
+    target, small = models[arch]
+    rows, eos, expected, lengths = cases[arch]
+    out = run(target, ModelDrafter(small), rows, eos, controller=PaddedFallback())
+    assert torch.equal(out.sequences, expected)
+    assert [row.new_tokens for row in out.spec_stats.rows] == lengths
+    assert max(out.spec_stats.step_slots) == 2 * len(rows)  # every row verified its guess
+
+
 def eagle(target, small, rows):
     torch.manual_seed(0)
     return EagleDrafter(EagleHead.for_model(target).eval(), depth=3, branching=2, tree_budget=6)
