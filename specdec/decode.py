@@ -125,7 +125,8 @@ def decode(
         if state.free_only and not parts.controller.pays(len(tree), tree.expected_gain):
             tree = tree.truncate(0)  # a fallback step: the free draft does not pay, take a plain step
         if plan is not None and not plan.speculate and not reserve and len(tree) <= SMALL:  # a plain step: padded
-            tree = _pad(tree, parts.controller.pad_width(), tokens, room)  # where fewer nodes verify slower
+            deepest = min(room - 1, parts.controller.config.max_depth)  # where fewer nodes verify slower
+            tree = _pad(tree, parts.controller.pad_width(), tokens, deepest)
         streams = parts.drafter.streams(tree, state) if reserve else None  # `reserve` tokens of them
         if int(tree.tokens[0]) != state.root:
             raise RuntimeError(f"{type(parts.drafter).__name__} proposed a tree not rooted at the last token")
@@ -179,13 +180,13 @@ def decode(
             return new_tokens, new_logits, stats
 
 
-def _pad(tree: TokenTree, width: int, tokens: list[int], room: int) -> TokenTree:
+def _pad(tree: TokenTree, width: int, tokens: list[int], max_depth: int) -> TokenTree:
     """`tree` grown to `width` nodes (where the controller measured that many cheaper to verify than fewer) by a
     chain of guesses below its last node: what followed that node's token where it last occurred, a unigram
-    match (they are verified like any draft, so whatever they are, the output stays exact). Never deeper than the
-    `room - 1` tokens left before the bonus token."""
+    match (they are verified like any draft, so whatever they are, the output stays exact). Never deeper than
+    `max_depth`: the controller's deepest plan, and the tokens left before the bonus token."""
     last = len(tree) - 1
-    count = min(width - len(tree), room - 1 - int(tree.depth[last]))
+    count = min(width - len(tree), max_depth - int(tree.depth[last]))
     if count <= 0:
         return tree
     token, seen = int(tree.tokens[last]), tokens[:-1]
@@ -428,7 +429,8 @@ def _propose_rows(parts: Parts, active: list[_Row], plan: Plan | None, generator
         trees = [tree.truncate(0) for tree in trees]  # the free drafts do not pay: a plain step
     if plan is not None and not plan.speculate and max(len(t) for t in trees) <= SMALL:  # padded where that is
         width = controller.pad_width()  # measured cheaper (a few rows x 1 token can cost more than x 2)
-        trees = [_pad(tree, width, row.tokens, row.room) for tree, row in zip(trees, active, strict=True)]
+        deepest = [min(row.room - 1, controller.config.max_depth) for row in active]
+        trees = [_pad(tree, width, row.tokens, d) for tree, row, d in zip(trees, active, deepest, strict=True)]
     return trees, catchup
 
 

@@ -402,10 +402,10 @@ def test_padded_plain_steps_stay_identical_to_plain_decoding(arch):
 def test_padding_guesses_what_followed_the_last_token_and_keeps_within_the_room():
     root_only = TokenTree.chain(5)
     tokens = [5, 6, 7, 5, 9, 5]  # 5 last occurred (before now) followed by 9, then 5
-    assert _pad(root_only, 4, tokens, room=10).tokens.tolist() == [5, 9, 5, 5]
-    assert _pad(root_only, 4, tokens, room=2).tokens.tolist() == [5, 9]  # one token and the bonus token
-    assert _pad(TokenTree.chain(3), 4, [1, 2, 3], room=10).tokens.tolist() == [3, 3, 3, 3]  # never seen: repeated
+    assert _pad(root_only, 4, tokens, max_depth=9).tokens.tolist() == [5, 9, 5, 5]
+    assert _pad(root_only, 4, tokens, max_depth=1).tokens.tolist() == [5, 9]  # e.g. one token left before the bonus
+    assert _pad(TokenTree.chain(3), 4, [1, 2, 3], max_depth=9).tokens.tolist() == [3, 3, 3, 3]  # never seen: repeated
     tree = TokenTree.trie(5, [[9, 5], [6]])  # 5 | 9 5 | 6: the chain goes below the last node
-    padded = _pad(tree, 6, tokens, room=10)
+    padded = _pad(tree, 6, tokens, max_depth=9)
     assert padded.parents.tolist() == [-1, 0, 1, 0, 3, 4] and padded.tokens.tolist()[4:] == [7, 5]
-    assert _pad(tree, 3, tokens, room=10) is tree
+    assert _pad(tree, 3, tokens, max_depth=9) is tree and _pad(tree, 6, tokens, max_depth=1) is tree
