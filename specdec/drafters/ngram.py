@@ -139,8 +139,7 @@ class NGramDrafter(Drafter):
         sequences, scores = self.candidates(depth)
         # confidence stop: cut each continuation where its relative frequency drops below the threshold
         # (the best continuation keeps its first token, so acceptance is measured even below the threshold)
-        min_score = state.min_score
-        cuts = [sum(1 for s in seq_scores if s >= min_score) for seq_scores in scores]
+        cuts = [sum(1 for s in seq_scores if s >= state.min_score) for seq_scores in scores]
         cuts[:1] = [max(cuts[0], 1)] if cuts else []
         sequences = [seq[:k] for seq, k in zip(sequences, cuts, strict=True)]
         scores = [seq_scores[:k] for seq_scores, k in zip(scores, cuts, strict=True)]
