@@ -8,8 +8,9 @@ cache holds every token but the last one (the next tree's root).
 A batch runs the same step for every row at once: each row drafts its own tree (its own drafter, a
 `Drafter.fork`), one target forward scores all trees (a 4D mask and position ids per row), each row accepts
 its own path, so rows advance by different amounts (`kv.RowCache` keeps track of which slot holds which
-row's tokens), and a row that has finished leaves the batch. The single-prompt loop is kept apart: it
-needs no holes, no per-row bookkeeping, and no mask for chains, and is exactly as fast as before batches.
+row's tokens), and a row that has finished leaves the batch (at once, or when leaving pays: `_keep_finished`).
+The single-prompt loop is kept apart: it needs no holes, no per-row bookkeeping, and no mask for chains, and is
+exactly as fast as before batches.
 """
 
 from __future__ import annotations
@@ -124,9 +125,11 @@ def decode(
         tree = parts.drafter.propose(asked).truncate(state.max_depth).limit(asked.budget)  # within the plan
         if state.free_only and not parts.controller.pays(len(tree), tree.expected_gain):
             tree = tree.truncate(0)  # a fallback step: the free draft does not pay, take a plain step
-        if plan is not None and not plan.speculate and not reserve and len(tree) <= SMALL:  # a plain step: padded
-            deepest = min(room - 1, parts.controller.config.max_depth)  # where fewer nodes verify slower
-            tree = _pad(tree, parts.controller.pad_width(), tokens, deepest)
+        drafted, drafted_depth = len(tree), tree.max_depth  # what the controller learns from: not the padding
+        if plan is not None and not reserve and len(tree) <= SMALL:  # padded where more nodes verify faster
+            control = parts.controller
+            width = control.pad_size(len(tree)) if plan.speculate else control.pad_width()
+            tree = _pad(tree, width, tokens, min(room - 1, control.config.max_depth))
         streams = parts.drafter.streams(tree, state) if reserve else None  # `reserve` tokens of them
         if int(tree.tokens[0]) != state.root:
             raise RuntimeError(f"{type(parts.drafter).__name__} proposed a tree not rooted at the last token")
@@ -158,9 +161,8 @@ def decode(
         if plan is not None:  # charged to the step: its forward, acceptance, cache compaction and commit
             stats.plans.append(asdict(plan))
             drafting, checking = toc - tic - catchup, verify.wall_time(parts.target) - toc
-            parts.controller.update(
-                plan, size, tree.max_depth, accepted.num_accepted, tree.expected_gain, drafting, checking, catchup
-            )
+            hits = sum(node < drafted for node in accepted.path[1:])  # the drafted nodes accepted, not the guesses
+            parts.controller.update(plan, size, drafted_depth, hits, tree.expected_gain, drafting, checking, catchup)
 
         emitted, done = [], False
         for node, token in zip(accepted.path, accepted.tokens, strict=True):
@@ -258,7 +260,7 @@ class BatchSpecStats:
     Attributes:
         rows: per row (in the batch's order): its accept lengths, tree sizes, the target forwards it took part
             in, its drafting time, and the verify time of the steps it took part in.
-        step_rows: rows in each verification step (finished rows leave the batch).
+        step_rows: rows in each verification step (finished rows leave the batch, some after a while: `_leave`).
         step_slots: tokens each verification forward scored: rows x the largest tree (shorter trees are padded).
         target_forwards, prefill_time, draft_time, verify_time, catchup_time: for the whole batch.
         plans: the controller's decision for each step (one plan for all rows); empty without a controller.
@@ -342,18 +344,20 @@ def decode_batch(
     if controller is not None:
         controller.start()
     cache = _prefill_rows(parts, rows, stats)
-    active = list(rows)
-    while active:
-        plan = controller.plan(rows=len(active)) if controller else None
+    batch = list(rows)  # the rows in the cache: running ones, and for a while finished ones (`_leave`)
+    while batch:
+        plan = controller.plan(rows=len(batch)) if controller else None
         tic = verify.wall_time(target)
-        trees, catchup = _propose_rows(parts, active, plan, generator)
+        trees, catchup = _propose_rows(parts, batch, plan, generator)
         toc = verify.wall_time(target)
         with _captures(target, parts.drafter) as (final, aux):
             logits = verify.forward_batch(target, cache, trees).logits  # [A, N, V]
         verified = verify.wall_time(target)
-        accepted = _accept_rows(parts.typical, trees, logits, active[0].limits.sampling, generator)
+        accepted = _accept_rows(parts.typical, batch, trees, logits, batch[0].limits.sampling, generator)
         cache.keep_paths([a.path for a in accepted])
-        for i, (row, tree, a) in enumerate(zip(active, trees, accepted, strict=True)):
+        for i, (row, tree, a) in enumerate(zip(batch, trees, accepted, strict=True)):
+            if not a.path:  # a finished row still in the cache
+                continue
             _take_states(row, final, aux, i, a.path)
             row.drafter.commit(a)
             row.emit(a, logits[i])
@@ -361,8 +365,8 @@ def decode_batch(
             row.stats.target_forwards += 1
             row.stats.verify_time += verified - toc
         checking = verify.wall_time(target) - toc  # the forward, acceptance, the cache and the commits
-        _record_step(stats, controller, plan, active, trees, accepted, toc - tic - catchup, catchup, checking)
-        active = _leave(cache, active)
+        _record_step(stats, controller, plan, batch, trees, accepted, toc - tic - catchup, catchup, checking)
+        batch = _leave(cache, batch, controller)
     for row in rows:
         row.drafter.finish(row.new)
     return [row.new for row in rows], stats
@@ -400,23 +404,24 @@ def _prefill_rows(parts: Parts, rows: list[_Row], stats: BatchSpecStats) -> kv.R
     return cache
 
 
-def _propose_rows(parts: Parts, active: list[_Row], plan: Plan | None, generator) -> tuple[list[TokenTree], float]:
-    """Each row's tree under the batch's plan (in a fallback step, free sources' trees when they pay for the
-    batch), and the drafters' catch-up seconds."""
+def _propose_rows(parts: Parts, batch: list[_Row], plan: Plan | None, generator) -> tuple[list[TokenTree], float]:
+    """Each running row's tree under the batch's plan (in a fallback step, free sources' trees when they pay for
+    the batch), a finished row's last token (nothing is kept of it), and the drafters' catch-up seconds."""
     controller = parts.controller
     step_time = controller.plain_step_time() if controller else None
-    states = [row.state(plan, generator, step_time) for row in active]
+    running = [row for row in batch if not row.done]
+    states = [row.state(plan, generator, step_time) for row in running]
     free_only = plan is not None and not plan.speculate and parts.drafter.free
     if free_only:  # opportunistic: free sources only, at most `max_budget` nodes over all rows (every row is
         # padded to the largest tree: 8 rows of 11 nodes made an 88-token step on SmolLM2)
         cfg = controller.config
-        budget = max(cfg.max_budget // len(active), cfg.min_budget)
+        budget = max(cfg.max_budget // len(batch), cfg.min_budget)
         states = [
             replace(s, max_depth=min(row.room - 1, cfg.max_depth), budget=budget, free_only=True)
-            for s, row in zip(states, active, strict=True)
+            for s, row in zip(states, running, strict=True)
         ]
-    trees, catchup = [], 0.0
-    for row, state in zip(active, states, strict=True):
+    drafted, catchup = {}, 0.0
+    for row, state in zip(running, states, strict=True):
         tic = verify.wall_time(parts.target)
         tree = row.drafter.propose(state).truncate(state.max_depth).limit(state.budget)  # within the plan
         if int(tree.tokens[0]) != state.root:
@@ -424,13 +429,16 @@ def _propose_rows(parts: Parts, active: list[_Row], plan: Plan | None, generator
         row.stats.draft_time += verify.wall_time(parts.target) - tic
         row.stats.catchup_time += row.drafter.catchup_time
         catchup += row.drafter.catchup_time
-        trees.append(tree)
+        drafted[row.index] = tree
+    trees = [TokenTree.chain(row.tokens[-1]) if row.done else drafted[row.index] for row in batch]
     if free_only and not controller.pays(max(len(t) for t in trees), sum(t.expected_gain for t in trees)):
         trees = [tree.truncate(0) for tree in trees]  # the free drafts do not pay: a plain step
     if plan is not None and not plan.speculate and max(len(t) for t in trees) <= SMALL:  # padded where that is
         width = controller.pad_width()  # measured cheaper (a few rows x 1 token can cost more than x 2)
-        deepest = [min(row.room - 1, controller.config.max_depth) for row in active]
-        trees = [_pad(tree, width, row.tokens, d) for tree, row, d in zip(trees, active, deepest, strict=True)]
+        trees = [
+            tree if row.done else _pad(tree, width, row.tokens, min(row.room - 1, controller.config.max_depth))
+            for tree, row in zip(trees, batch, strict=True)
+        ]
     return trees, catchup
 
 
@@ -443,12 +451,27 @@ def _captures(target: PreTrainedModel, drafter: Drafter) -> Iterator[tuple[list 
 
 
 def _accept_rows(
-    typical: acceptance.Typical | None, trees: list[TokenTree], logits: torch.Tensor, sampling, generator
+    typical: acceptance.Typical | None,
+    batch: list[_Row],
+    trees: list[TokenTree],
+    logits: torch.Tensor,
+    sampling,
+    generator,
 ) -> list[acceptance.Acceptance]:
-    """Each row's accepted path (`logits`: `[A, N, V]`). A plain step of greedy rows is one argmax."""
+    """Each running row's accepted path (`logits`: `[A, N, V]`), an empty one for a finished row. A plain step of
+    greedy rows is one argmax."""
     if sampling is None and all(len(tree) == 1 for tree in trees):
-        return [acceptance.Acceptance([0], [token]) for token in logits[:, 0].argmax(-1).tolist()]
-    return [accept(typical, tree, logits[i, : len(tree)], sampling, generator) for i, tree in enumerate(trees)]
+        tokens = logits[:, 0].argmax(-1).tolist()
+        return [
+            acceptance.Acceptance([], []) if row.done else acceptance.Acceptance([0], [t])
+            for row, t in zip(batch, tokens, strict=True)
+        ]
+    return [
+        acceptance.Acceptance([], [])
+        if row.done
+        else accept(typical, tree, logits[i, : len(tree)], sampling, generator)
+        for i, (row, tree) in enumerate(zip(batch, trees, strict=True))
+    ]
 
 
 def _take_states(row: _Row, final: list | None, aux: list, i: int, path: list[int]) -> None:
@@ -463,16 +486,16 @@ def _record_step(
     stats: BatchSpecStats,
     controller: Controller | None,
     plan: Plan | None,
-    active: list[_Row],
+    batch: list[_Row],
     trees: list[TokenTree],
     accepted: list[acceptance.Acceptance],
     drafting: float,
     catchup: float,
     checking: float,
 ) -> None:
-    """The batch's statistics, and the controller's measurement of the step."""
-    slots = len(active) * max(len(tree) for tree in trees)
-    stats.step_rows.append(len(active))
+    """The batch's statistics, and the controller's measurement of the step (what it drafted: the running rows')."""
+    slots = len(batch) * max(len(tree) for tree in trees)
+    stats.step_rows.append(len(batch))
     stats.step_slots.append(slots)
     stats.target_forwards += 1
     stats.draft_time += drafting + catchup
@@ -480,17 +503,35 @@ def _record_step(
     stats.verify_time += checking
     if plan is not None:
         stats.plans.append(asdict(plan))
-        pairs = zip(trees, accepted, strict=True)
+        pairs = [(t, a) for t, a in zip(trees, accepted, strict=True) if a.path]
         outcomes = [(len(t), t.max_depth, a.num_accepted, t.expected_gain) for t, a in pairs]
         controller.update_batch(plan, slots, outcomes, drafting, checking, catchup)
 
 
-def _leave(cache: kv.RowCache, active: list[_Row]) -> list[_Row]:
-    """The rows still running; finished rows leave the cache, and holes are squeezed out when they waste more
-    than half of it."""
-    staying = [i for i, row in enumerate(active) if not row.done]
-    if len(staying) < len(active) and staying:
+def _leave(cache: kv.RowCache, batch: list[_Row], controller: Controller | None) -> list[_Row]:
+    """The rows that stay in the cache (none once every row has finished), and holes squeezed out when they waste
+    more than half of it. A finished row leaves at once, or stays as long as `_keep_finished` says so: each
+    step then feeds it its last token, and keeps nothing of it."""
+    running = sum(not row.done for row in batch)
+    if running == 0:
+        return []
+    if running < len(batch) and not _keep_finished(controller, len(batch), running):
+        staying = [i for i, row in enumerate(batch) if not row.done]
         cache.select_rows(staying)
-    if staying and cache.waste() > 0.5 and cache.slots >= 32:
+        batch = [batch[i] for i in staying]
+    if cache.waste() > 0.5 and cache.slots >= 32:
         cache.compact()
-    return [active[i] for i in staying]
+    return batch
+
+
+def _keep_finished(controller: Controller | None, rows: int, running: int) -> bool:
+    """Whether a batch of `rows` rows, `running` of them not finished, keeps its finished rows for now. Leaving
+    copies the cache of every row that stays, and a forward of a few more tokens can cost less: on this 2-core AMD
+    EPYC (MKL, fp32) 3 rows of one token took 65 ms and 4 rows 52 ms, so a batch of 4 whose first row finished ran
+    slower than `target.generate`, which keeps every row to the end. So where the controller pads plain steps
+    (`ControlConfig.pad_steps`), a batch of at most `SMALL` rows keeps its finished rows while they are at most
+    half of it, unless a forward of the running rows alone was measured cheaper."""
+    if controller is None or not controller.config.pad_steps or rows > SMALL or 2 * (rows - running) > rows:
+        return False
+    small = controller.costs.small
+    return running not in small or rows not in small or small[rows] <= small[running]

@@ -370,6 +370,61 @@ def test_the_plain_step_is_measured_again_every_pad_recheck_calls():
     assert [c.pad_width() for _ in range(8)] == [4, 4, 4, 1, 4, 4, 4, 1]
 
 
+def test_speculative_trees_grow_only_to_a_size_measured_cheaper():
+    c = Controller(ControlConfig(pad_recheck=1000))
+    assert c.pad_size(3) == 3  # nothing measured
+    for size, seconds in [(1, 0.0614), (2, 0.0539), (3, 0.0649), (4, 0.0522), (8, 0.0608)]:  # this AMD EPYC, fp32
+        c.costs.add_verify(size, seconds)
+    assert [c.pad_size(n) for n in (1, 2, 3, 4, 8)] == [4, 2, 4, 4, 8]  # 2 -> 4: 3% cheaper, under the margin
+    assert c.pad_size(5) == 5 and c.pad_size(9) == 9  # 5 not measured; 9 beyond the sizes measured one by one
+    c.costs.add_verify(5, 0.0700)
+    c.costs.add_verify(6, 0.0588)
+    assert c.pad_size(5) == 6  # the cheapest measured size above it
+    c._set_rows(2)
+    assert c.pad_size(3) == 3  # a batch: rows x size tokens, left to `pad_width`
+    for config in (ControlConfig(pad_steps=False), ControlConfig(pad_trees=False)):
+        off = Controller(config)
+        for size, seconds in [(3, 0.0649), (4, 0.0522)]:
+            off.costs.add_verify(size, seconds)
+        assert off.pad_size(3) == 3
+
+
+class PaddedSpeculation(_Controller):
+    """Every step speculative with at most 2 draft nodes, each tree grown to 6 nodes; what `update` is told is kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.told = []
+
+    def plan(self, rows: int = 1) -> Plan:
+        return Plan(True, 2, 2, 0.0)
+
+    def pad_size(self, size: int) -> int:
+        return 6
+
+    def update(self, plan, tree_size, tree_depth, accepted, *args, **kwargs) -> None:
+        self.told.append((tree_size, tree_depth, accepted))
+        super().update(plan, tree_size, tree_depth, accepted, *args, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_speculative_trees_stay_identical_and_teach_only_what_was_drafted(arch):
+    target = tiny_model(arch)
+    x = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
+    x = torch.cat([x, x[:, :6]], 1)  # repeats: some guesses are right (with this seed, in every architecture)
+    expected = target.generate(x, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    controller = PaddedSpeculation()
+    out = specdec.generate(
+        target, x, drafter=ModelDrafter(target, depth=2, branching=1), controller=controller,
+        max_new_tokens=30, eos_token_id=None, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, expected)
+    sizes = [size for size, _, _ in controller.told]
+    assert sizes.count(6) >= len(sizes) - 2 and max(sizes) == 6  # the last steps have no room for all of them
+    assert [(depth, accepted) for _, depth, accepted in controller.told[:-2]] == [(2, 2)] * (len(sizes) - 2)
+    assert max(out.spec_stats.accept_lengths) > 3  # guesses were accepted, and not counted as drafted tokens above
+
+
 class PaddedFallback(Controller):
     """Every step planned plain, and padded to `width` nodes (as measured costs would have it on some CPUs)."""
 

@@ -371,6 +371,32 @@ def test_padded_plain_steps_sample_the_target_distribution():
     assert stat < critical, f"chi-square {stat:.1f} >= {critical:.1f}"
 
 
+def test_padded_speculative_trees_sample_the_target_distribution():
+    """A sampled draft token with guessed tokens below it (as the controller grows a tree to a size measured cheaper
+    to verify): the first two of four new tokens follow the target's joint distribution."""
+
+    class PaddedSpeculation(Controller):
+        def plan(self, rows: int = 1) -> Plan:
+            return Plan(True, 1, 1, 0.0)
+
+        def pad_size(self, size: int) -> int:
+            return 4
+
+    target, draft = tiny_pair()
+    x = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])
+    gen = specdec.SpeculativeGenerator(
+        target, ModelDrafter(draft, depth=1, branching=1), controller=PaddedSpeculation()
+    )
+
+    def run(x, generator):
+        out = gen.generate(x, max_new_tokens=4, do_sample=True, eos_token_id=None, generator=generator)
+        return out[:, : x.shape[1] + 2]
+
+    counts = sample_counts(run, x, n=1500, seed=1)
+    stat, critical = chi_square(counts, exact_two_tokens(target, x, Sampling()))
+    assert stat < critical, f"chi-square {stat:.1f} >= {critical:.1f}"
+
+
 def test_generate_with_a_wrong_rule_fails(monkeypatch):
     target, draft = tiny_pair()
     x = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])
