@@ -80,7 +80,6 @@ class ControlConfig:
     pad_margin: float = 0.05  # pad only where the width is measured at least this much cheaper than one node
     pad_recheck: int = 16  # every this many steps one goes unpadded, so that the plain step stays measured
     pad_trees: bool = True  # with `pad_steps`: grow a speculative tree to a size measured cheaper (`pad_size`)
-    measure_fallback: bool = True  # speculate where it beats what plain-planned steps yield (`fallback_gain`)
 
 
 @dataclass(frozen=True)
@@ -228,7 +227,6 @@ class Controller:
         self._planned_plain = True  # the last step was plain: the next speculative one is a probe
         self.rows = 1  # rows of the batch being planned for
         self._pad_calls = 0
-        self._fallback = [0.0, 0.0]  # discounted (tokens x plain-step seconds, rows x seconds) of plain-planned steps
 
     def start(self) -> None:
         """A new generation: no streak, and speculation probed again within `probe_after` plain steps (a new
@@ -477,13 +475,6 @@ class Controller:
             self.probe_cost = extra if self.probe_cost == 0 else (1 - ema) * self.probe_cost + ema * extra
         if not plan.speculate:  # a plain step: what speculation learnt before it fades (a probe after a long
             # fallback is judged on what it finds, not outweighed by the steps that led to the fallback)
-            tokens = sum(1 + accepted for _, _, accepted, _ in rows)  # padded guesses and free drafts accepted
-            seconds = draft_seconds + verify_seconds + catchup_seconds
-            num, den = self._fallback
-            self._fallback = [
-                cfg.discount * num + tokens * self._verify_times()[0],
-                cfg.discount * den + len(rows) * seconds,
-            ]
             self.streak = 0
             self._fade(0)
             self._refresh(0)
@@ -518,23 +509,11 @@ class Controller:
         self._curves[streak] = self._acceptance_curve(streak)
         self._gains[streak] = _prefix_sums(self._curves[streak])
 
-    @property
-    def fallback_gain(self) -> float:
-        """What a plain-planned step was measured to yield against the cost model's plain step (recent steps weigh
-        more; 1 before any): above 1 where such steps verify padded guesses or free drafts that pay (on this AMD
-        EPYC a plain step padded with 4 guesses took 52 ms against 61 for one token, and a guess was right in a
-        quarter of the steps, so falling back gained 1.2-1.5x over `target.generate` by itself), below 1 where they
-        cost more than they gave. Speculation is measured against that, not against a bare plain step."""
-        num, den = self._fallback
-        return num / den if num > 0 and den > 0 else 1.0
-
     def _decide_fallback(self) -> None:
         cfg = self.config
         if self.speculative_steps < cfg.warmup_steps:
             return
         plain_rate = self.expected_rate(0)
-        if cfg.measure_fallback:  # what falling back gives: padded steps, free drafts
-            plain_rate *= self.fallback_gain
         if self.expected_rate(self.best_depth()) < cfg.min_speedup * plain_rate:
             self.plain_left = max(self.backoff, self.probe_gap())  # dear probes stay rare from the first fallback
             self.backoff = min(self.backoff * 2, cfg.max_probe_after)

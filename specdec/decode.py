@@ -161,9 +161,7 @@ def decode(
         if plan is not None:  # charged to the step: its forward, acceptance, cache compaction and commit
             stats.plans.append(asdict(plan))
             drafting, checking = toc - tic - catchup, verify.wall_time(parts.target) - toc
-            hits = accepted.num_accepted  # a plain step's guesses too: what falling back yields
-            if plan.speculate:  # what the drafter's acceptance is measured by: its own nodes, not the guesses
-                hits = sum(node < drafted for node in accepted.path[1:])
+            hits = sum(node < drafted for node in accepted.path[1:])  # the drafted nodes accepted, not the guesses
             parts.controller.update(plan, size, drafted_depth, hits, tree.expected_gain, drafting, checking, catchup)
 
         emitted, done = [], False

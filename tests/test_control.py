@@ -389,31 +389,6 @@ def test_speculative_trees_grow_only_to_a_size_measured_cheaper():
         assert off.pad_size(3) == 3
 
 
-def test_speculation_is_measured_against_what_falling_back_yields():
-    """Drafts that beat a bare plain step (61 ms a token) but not a padded one (4 nodes for 52 ms, a guess right in
-    half of the steps) are not worth speculating for once padded fallback steps were measured."""
-
-    def speculating(fallback_hits: list[int], measure: bool = True) -> list[bool]:
-        c = Controller(ControlConfig(pad_recheck=1000, measure_fallback=measure))
-        plain = Plan(False, 0, 0, c.threshold)
-        for _ in range(3):
-            c.update(plain, 1, 0, 0, 0.0, 0.0, 0.061)
-        for hits in fallback_hits:  # fallback steps padded with 3 guesses
-            c.update(plain, 4, 3, hits, 0.0, 0.0, 0.052)
-        plans = []
-        for step in range(12):  # 3-node chains, the first draft token accepted in half of the steps
-            plan = c.plan()
-            if plan.speculate:
-                c.update(plan, 4, 3, step % 2, 1.5, 0.0005, 0.055)
-            plans.append(plan.speculate)
-        return plans
-
-    assert Controller().fallback_gain == 1.0
-    assert all(speculating([]))  # against a bare plain step: 1.5 tokens for 56 ms pays
-    assert not all(speculating([0, 1] * 10))  # against 1.5 tokens for 52 ms it does not
-    assert all(speculating([0, 1] * 10, measure=False))  # `measure_fallback=False`: against a bare plain step
-
-
 class PaddedSpeculation(_Controller):
     """Every step speculative with at most 2 draft nodes, each tree grown to 6 nodes; what `update` is told is kept."""
 
