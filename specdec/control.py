@@ -85,13 +85,16 @@ class ControlConfig:
 @dataclass(frozen=True)
 class Plan:
     """What the next step may draft. `speculate=False` means a plain target step; `streak`: the plan was made
-    after a step that accepted its tree's deepest level."""
+    after a step that accepted its tree's deepest level; `prepare`: a plain step whose next step probes speculation
+    again (a source that drafts from this step's forward, speculative streaming, asks for its streams in it:
+    otherwise its probe would have nothing to draft from, and would teach the controller nothing)."""
 
     speculate: bool
     depth: int
     budget: int
     threshold: float
     streak: bool = False
+    prepare: bool = False
 
 
 SMALL = 8  # tree sizes measured one by one (`CostModel.small`): where padding a step can pay
@@ -107,12 +110,18 @@ class CostModel:
     draft_per_level: float | None = None
     classes: dict[int, tuple[float, float]] = field(default_factory=dict)  # size class -> (mean size, seconds)
     small: dict[int, float] = field(default_factory=dict)  # exact sizes up to `SMALL` nodes -> seconds (EMA)
+    small_at: dict[int, int] = field(default_factory=dict)  # exact size -> `measured` when it was last measured
+    measured: int = 0  # verifications recorded
+    age_discount: float = 0.95  # an exact size's old time weighs this much less per verification since (`discount`)
 
     def add_verify(self, size: int, seconds: float) -> None:
         self.samples.append((size, seconds))
-        if size <= SMALL:
-            old_small = self.small.get(size)
-            self.small[size] = seconds if old_small is None else (1 - self.ema) * old_small + self.ema * seconds
+        self.measured += 1
+        if size <= SMALL:  # an old time weighs less the older it is: the context, and the machine, moved on since
+            old_small, age = self.small.get(size), self.measured - self.small_at.get(size, self.measured) - 1
+            keep = 0.0 if old_small is None else (1 - self.ema) * self.age_discount**age
+            self.small[size] = keep * (old_small or 0.0) + (1 - keep) * seconds
+            self.small_at[size] = self.measured
         while len(self.samples) > self.window:
             self.samples.popleft()
         key, old = size.bit_length(), self.classes.get(size.bit_length())
@@ -202,7 +211,7 @@ class Controller:
 
     def reset(self) -> None:
         cfg = self.config
-        self.costs = CostModel(window=cfg.cost_window, ema=cfg.ema)
+        self.costs = CostModel(window=cfg.cost_window, ema=cfg.ema, age_discount=cfg.discount)
         # per streak state (0: the last step was rejected inside its tree or was plain; 1: it accepted its
         # tree's deepest level), discounted counts: accepted path reached depth d out of steps whose tree did
         self.hits = [[0.0] * (cfg.max_depth + 1) for _ in range(2)]  # index 0 unused
@@ -315,7 +324,10 @@ class Controller:
         few (MKL on this AMD EPYC: SmolLM2's LM head, a matrix times one vector, takes 10.6 ms for one token, 17.8
         for three and 8.1 for four), so a plain step is better spent verifying a few guessed tokens. Each width is
         tried once after the plain step was measured, and every `pad_recheck`-th call answers 1, so that the plain
-        step goes on being measured."""
+        step goes on being measured. Halfway between those calls a width is measured again, each in turn, unless it
+        was measured 25% dearer than a plain step or more: a width measured once in a noisy step, or at another context
+        length, would otherwise never be chosen again while the plain step's time moves on (seen on Spec-Bench's
+        rag questions: a whole run of long prompts without padding after one dear measurement)."""
         cfg, rows, small = self.config, self.rows, self.costs.small
         if not cfg.pad_steps or rows * 2 > SMALL:
             return 1
@@ -326,6 +338,10 @@ class Controller:
         untried = [w for w in widths if rows * w not in small]
         if untried:
             return untried[0]
+        if widths and self._pad_calls % cfg.pad_recheck == cfg.pad_recheck // 2:  # one width again, in turn
+            again = widths[(self._pad_calls // cfg.pad_recheck) % len(widths)]
+            if small[rows * again] < 1.25 * small[rows]:  # not clearly dearer than a plain step: worth a look
+                return again
         best = min(widths, key=lambda w: (small[rows * w], w), default=1)
         return best if best > 1 and small[rows * best] <= (1 - cfg.pad_margin) * small[rows] else 1
 
@@ -370,7 +386,7 @@ class Controller:
         streak = bool(self.streak)
         if self.plain_left > 0:
             self.plain_left -= 1
-            return Plan(False, 0, 0, self.threshold, streak)
+            return Plan(False, 0, 0, self.threshold, streak, prepare=self.plain_left == 0)
         if rows.bit_length() not in self.costs.classes:  # a plain step first: what speculation competes with
             return Plan(False, 0, 0, self.threshold, streak)
         if len(self.costs.classes) < 2:  # no tree measured yet: the drafter's own settings, capped (in a batch, so

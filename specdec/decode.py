@@ -246,7 +246,16 @@ def _state(
         return DecodeState(ids, room - 1, sampling=sampling, generator=generator, hidden=hidden, features=features)
     depth = min(room - 1, plan.depth) if plan.speculate else 0
     return DecodeState(
-        ids, depth, plan.budget, plan.threshold, sampling, generator, hidden, step_time, features=features
+        ids,
+        depth,
+        plan.budget,
+        plan.threshold,
+        sampling,
+        generator,
+        hidden,
+        step_time,
+        features=features,
+        prepare=plan.prepare and room > 1,  # a next step that drafts at all
     )
 
 

@@ -367,7 +367,23 @@ def test_the_plain_step_is_measured_again_every_pad_recheck_calls():
     c = Controller(ControlConfig(pad_recheck=4))
     for size, seconds in [(1, 0.061), (2, 0.054), (4, 0.052), (8, 0.060)]:
         c.costs.add_verify(size, seconds)
-    assert [c.pad_width() for _ in range(8)] == [4, 4, 4, 1, 4, 4, 4, 1]
+    # calls 2 and 6: widths 2 and 4 measured again, in turn; calls 4 and 8: the plain step
+    assert [c.pad_width() for _ in range(8)] == [4, 2, 4, 1, 4, 4, 4, 1]
+
+
+def test_a_width_measured_dear_once_is_measured_again():
+    c = Controller(ControlConfig(pad_recheck=16))
+    for size, seconds in [(1, 0.061), (2, 0.066), (4, 0.068), (8, 0.090)]:  # one noisy moment: no width pays
+        c.costs.add_verify(size, seconds)
+    widths = []
+    for _ in range(48):
+        widths.append(w := c.pad_width())
+        c.costs.add_verify(w, {1: 0.061, 2: 0.054, 4: 0.052, 8: 0.090}[w])  # what they cost now
+    # call 8: width 2 measured again, its old time still weighs (60.1 ms, not 5% below a plain step); call 24: width 4,
+    # whose old time weighs little after 20 steps, is chosen from then on; call 40: width 8, 48% dearer than a plain
+    # step, is not tried again; calls 16, 32, 48: the plain step
+    assert "".join(map(str, widths)) == "111111121111111111111114444444414444444444444441"
+    assert c.costs.small[4] < 0.055
 
 
 def test_speculative_trees_grow_only_to_a_size_measured_cheaper():

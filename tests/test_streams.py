@@ -12,6 +12,7 @@ from tiny import ARCHS, VOCAB, tiny_model
 import specdec
 from heads.streams import CONFIG_FILE, StreamEmbeddings
 from specdec import kv, verify
+from specdec.control import Plan
 from specdec.drafters import Composite, NGramDrafter, StreamDrafter
 from specdec.drafters.base import DecodeState
 from specdec.drafters.stream import end_probabilities
@@ -127,6 +128,27 @@ def test_random_streams_greedy_equality(arch, shape):
     tokens, expected, stats = greedy(target, drafter)
     assert tokens == expected
     assert max(stats.tree_sizes) > 1 + 3  # trees were drafted from the streams, not only the root and its streams
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_plain_step_before_a_probe_scores_streams_for_the_probe_to_draft_from(arch):
+    """A probe after plain steps drafts from streams scored below the root in the plain step before it
+    (`Plan.prepare`); without them it would verify the root and new streams only, and teach the controller nothing."""
+    target = tiny_model(arch)
+
+    class ProbeEveryThird(specdec.Controller):  # plain, plain before a probe, probe; again
+        def plan(self) -> Plan:
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls % 3:
+                return Plan(False, 0, 0, 0.0, prepare=self.calls % 3 == 2)
+            return Plan(True, 3, 12, 0.0)
+
+    controller = ProbeEveryThird(specdec.ControlConfig(pad_steps=False))
+    tokens, expected, stats = greedy(target, StreamDrafter(random_streams(target), TREE), n=30, controller=controller)
+    assert tokens == expected
+    plain, prepare, probe = stats.tree_sizes[0:9:3], stats.tree_sizes[1:9:3], stats.tree_sizes[2:9:3]
+    assert plain == [1, 1, 1] and prepare == [1 + 3] * 3  # the root and its 3 streams
+    assert min(probe) > 1 + 3  # a tree drafted from them (and streams below it)
 
 
 @pytest.fixture(scope="module")

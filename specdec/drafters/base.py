@@ -44,6 +44,8 @@ class DecodeState:
         streams: `[k, H]` the target's final hidden states (its LM head's input) at the `k` streams
             (`Drafter.streams`) it scored below the node that chose the root, in the last verification forward: what
             its predictions of the tokens 1 .. k past the root come from. None when that node carried no streams.
+        prepare: a plain step (`max_depth` 0) whose next step will draft: a streaming source scores streams below
+            the root in it, so that the next step has something to draft from (`Plan.prepare`).
     """
 
     tokens: torch.Tensor  # [1, L]
@@ -57,6 +59,7 @@ class DecodeState:
     free_only: bool = False
     features: torch.Tensor | None = None  # [T, k*H]
     streams: torch.Tensor | None = None  # [k, H]
+    prepare: bool = False
 
     @cached_property
     def min_score(self) -> float:

@@ -62,6 +62,8 @@ class StreamDrafter(Drafter):
         self._lm_head = target.get_output_embeddings()
 
     def stream_budget(self, state: DecodeState) -> int:
+        if state.prepare:  # a plain step before a probe: streams below the root, for the probe to draft from
+            return self.k
         if state.max_depth < 1 or state.free_only:  # a plain step, or a fallback step's free drafts
             return 0
         if state.budget is None:
