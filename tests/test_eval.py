@@ -221,6 +221,8 @@ def test_summary_recomputes_from_the_answer_files(setup, answered):
     assert json.loads((out / "summary.json").read_text())["methods"]["ngram"] == s
     md = (out / "summary.md").read_text()
     assert "Spec-Bench's evaluation/speed.py" in md
+    worst = min(spec_bench.TASKS, key=lambda t: s["speedup"][t])
+    assert f"| {worst} {s['speedup'][worst]:.2f}x |" in md.split("\n## ")[0].split("| ngram |")[1].split("\n")[0]
     assert all(f"| ngram | {task} | " in md for task in ["overall", *spec_bench.TASKS])  # acceptance rows
     assert "| baseline | overall | " not in md and "| hf_prompt_lookup | overall | " not in md  # nothing drafted
 
