@@ -80,6 +80,9 @@ class ControlConfig:
     pad_margin: float = 0.05  # pad only where the width is measured at least this much cheaper than one node
     pad_recheck: int = 16  # every this many steps one goes unpadded, so that the plain step stays measured
     pad_trees: bool = True  # with `pad_steps`: grow a speculative tree to a size measured cheaper (`pad_size`)
+    pad_remeasure: bool = True  # with `pad_steps`: measure a width again now and then; older exact-size times fade
+    pad_fallback: bool = True  # with `pad_steps`: judge speculation against the plain step as padded (`fallback_rate`)
+    prepare_probes: bool = True  # the plain step before a probe asks a streaming source for streams (`Plan.prepare`)
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,8 @@ class Controller:
 
     def reset(self) -> None:
         cfg = self.config
-        self.costs = CostModel(window=cfg.cost_window, ema=cfg.ema, age_discount=cfg.discount)
+        fade = cfg.discount if cfg.pad_remeasure else 1.0
+        self.costs = CostModel(window=cfg.cost_window, ema=cfg.ema, age_discount=fade)
         # per streak state (0: the last step was rejected inside its tree or was plain; 1: it accepted its
         # tree's deepest level), discounted counts: accepted path reached depth d out of steps whose tree did
         self.hits = [[0.0] * (cfg.max_depth + 1) for _ in range(2)]  # index 0 unused
@@ -338,7 +342,8 @@ class Controller:
         untried = [w for w in widths if rows * w not in small]
         if untried:
             return untried[0]
-        if widths and self._pad_calls % cfg.pad_recheck == cfg.pad_recheck // 2:  # one width again, in turn
+        again_now = cfg.pad_remeasure and self._pad_calls % cfg.pad_recheck == cfg.pad_recheck // 2
+        if widths and again_now:  # one width again, in turn
             again = widths[(self._pad_calls // cfg.pad_recheck) % len(widths)]
             if small[rows * again] < 1.25 * small[rows]:  # not clearly dearer than a plain step: worth a look
                 return again
@@ -358,6 +363,21 @@ class Controller:
             (m for m in range(size + 1, cfg.pad_max + 1) if m in small), key=lambda m: (small[m], m), default=size
         )
         return best if small[best] <= (1 - cfg.pad_margin) * small[size] else size
+
+    def fallback_rate(self) -> float:
+        """Tokens per second of the plain steps that a fallback would run: `expected_rate(0)`, or with `pad_fallback`
+        one token per row at the cheapest measured padding width (`pad_width`'s choice without its rechecks), its
+        guessed tokens not counted. Where a padded step is cheaper than one of a single token (this AMD EPYC), a plain
+        step is what speculation competes with: judged against the dearer unpadded step, a draft source that gains
+        fewer tokens than its tree costs over a padded step (EAGLE, the draft model on Spec-Bench's rag) went on
+        speculating and lost to a source that drafts nothing."""
+        cfg, rows, small = self.config, self.rows, self.costs.small
+        plain = self.expected_rate(0)
+        if not (cfg.pad_steps and cfg.pad_fallback) or rows * 2 > SMALL or rows not in small:
+            return plain
+        widths = [rows * w for w in (2, 4, 8) if w <= cfg.pad_max and rows * w in small]
+        cheap = [small[n] for n in widths if small[n] <= (1 - cfg.pad_margin) * small[rows]]
+        return max(plain, rows / min(cheap)) if cheap else plain
 
     def pays(self, tree_size: int, expected_gain: float) -> bool:
         """Whether verifying trees of `tree_size` nodes (root included; in a batch, the largest tree, to which
@@ -386,7 +406,7 @@ class Controller:
         streak = bool(self.streak)
         if self.plain_left > 0:
             self.plain_left -= 1
-            return Plan(False, 0, 0, self.threshold, streak, prepare=self.plain_left == 0)
+            return Plan(False, 0, 0, self.threshold, streak, prepare=cfg.prepare_probes and self.plain_left == 0)
         if rows.bit_length() not in self.costs.classes:  # a plain step first: what speculation competes with
             return Plan(False, 0, 0, self.threshold, streak)
         if len(self.costs.classes) < 2:  # no tree measured yet: the drafter's own settings, capped (in a batch, so
@@ -529,8 +549,7 @@ class Controller:
         cfg = self.config
         if self.speculative_steps < cfg.warmup_steps:
             return
-        plain_rate = self.expected_rate(0)
-        if self.expected_rate(self.best_depth()) < cfg.min_speedup * plain_rate:
+        if self.expected_rate(self.best_depth()) < cfg.min_speedup * self.fallback_rate():
             self.plain_left = max(self.backoff, self.probe_gap())  # dear probes stay rare from the first fallback
             self.backoff = min(self.backoff * 2, cfg.max_probe_after)
         else:

@@ -386,6 +386,63 @@ def test_a_width_measured_dear_once_is_measured_again():
     assert c.costs.small[4] < 0.055
 
 
+def test_remeasuring_widths_and_fading_old_times_can_be_switched_off():
+    c = Controller(ControlConfig(pad_recheck=4, pad_remeasure=False))
+    for size, seconds in [(1, 0.061), (2, 0.054), (4, 0.052), (8, 0.060)]:
+        c.costs.add_verify(size, seconds)
+    assert [c.pad_width() for _ in range(8)] == [4, 4, 4, 1, 4, 4, 4, 1]  # the earlier behaviour: no width again
+    for size, seconds in [(1, 0.061), (2, 0.054), (4, 0.060)]:
+        c.costs.add_verify(size, seconds)
+    # width 4's time of 7 verifications ago still weighs 1 - ema: nothing fades (with fading, 0.95 ** 6 of that)
+    assert c.costs.small[4] == pytest.approx(0.8 * 0.052 + 0.2 * 0.060)
+
+
+def mkl_verify(n: int) -> float:
+    """SmolLM2 fp32 on this AMD EPYC, 300 cached tokens: 1 .. 4 tokens measured, beyond them a line."""
+    return {1: 0.0614, 2: 0.0539, 3: 0.0649, 4: 0.0522}.get(n, 0.050 + 0.0015 * n)
+
+
+def padded_steps(c: _Controller, steps: int, accept_rate: float, draft_per_level: float, seed=0) -> list[bool]:
+    """`simulate` with plain steps padded to `pad_width()` (guesses never accepted); whether each step speculated."""
+    gen, speculated = torch.Generator().manual_seed(seed), []
+    for _ in range(steps):
+        plan = _Controller.plan(c)
+        speculated.append(plan.speculate)
+        if not plan.speculate:
+            width = c.pad_width()
+            c.update(plan, width, 0, 0, 0.0, 0.0, mkl_verify(width))
+            continue
+        depth = min(plan.depth, plan.budget, 2)
+        accepted = 0
+        while accepted < depth and torch.rand(1, generator=gen).item() < accept_rate:
+            accepted += 1
+        promised = sum(accept_rate**d for d in range(1, depth + 1))
+        size = c.pad_size(1 + depth)
+        c.update(plan, size, depth, accepted, promised, draft_per_level * depth, mkl_verify(size))
+    return speculated
+
+
+def test_speculation_is_judged_against_the_plain_step_as_padded():
+    c = Controller(ControlConfig(pad_recheck=1000))
+    for size in (1, 2, 4, 8):
+        c.costs.add_verify(size, mkl_verify(size))
+    c._line = c.costs.verify_line()
+    assert c.fallback_rate() == pytest.approx(1 / mkl_verify(4))  # the cheapest width, one token counted
+    assert c.fallback_rate() > c.expected_rate(0)
+    off = Controller(ControlConfig(pad_fallback=False, pad_recheck=1000))
+    for size in (1, 2, 4, 8):
+        off.costs.add_verify(size, mkl_verify(size))
+    assert off.fallback_rate() == off.expected_rate(0)  # the unpadded plain step, as before
+    # a draft model's 8 ms a level, 35% accepted: 1.35 tokens in 73 ms beats an unpadded plain step (61 ms a token)
+    # but not a padded one (52 ms)
+    share = {}
+    for pad_fallback in (True, False):
+        c = _Controller(ControlConfig(pad_fallback=pad_fallback))
+        speculated = padded_steps(c, 400, accept_rate=0.35, draft_per_level=0.008)
+        share[pad_fallback] = sum(speculated[100:]) / 300
+    assert share[True] < 0.15 < 0.5 < share[False]
+
+
 def test_speculative_trees_grow_only_to_a_size_measured_cheaper():
     c = Controller(ControlConfig(pad_recheck=1000))
     assert c.pad_size(3) == 3  # nothing measured
@@ -480,3 +537,10 @@ def test_padding_guesses_what_followed_the_last_token_and_keeps_within_the_room(
     padded = _pad(tree, 6, tokens, max_depth=9)
     assert padded.parents.tolist() == [-1, 0, 1, 0, 3, 4] and padded.tokens.tolist()[4:] == [7, 5]
     assert _pad(tree, 3, tokens, max_depth=9) is tree and _pad(tree, 6, tokens, max_depth=1) is tree
+
+
+def test_the_plain_step_before_a_probe_is_marked_to_prepare_it_unless_switched_off():
+    for prepare_probes in (True, False):
+        c = _Controller(ControlConfig(prepare_probes=prepare_probes))
+        c.plain_left = 2
+        assert [c.plan().prepare for _ in range(2)] == [False, prepare_probes]
