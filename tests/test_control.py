@@ -544,3 +544,40 @@ def test_the_plain_step_before_a_probe_is_marked_to_prepare_it_unless_switched_o
         c = _Controller(ControlConfig(prepare_probes=prepare_probes))
         c.plain_left = 2
         assert [c.plan().prepare for _ in range(2)] == [False, prepare_probes]
+
+
+def _learned(source: str, target):
+    from test_eagle import random_head
+    from test_medusa import TREE, random_heads
+    from test_streams import random_streams
+
+    from specdec.drafters import EagleDrafter, MedusaDrafter, StreamDrafter
+
+    if source == "medusa":
+        return MedusaDrafter(random_heads(target, scale=0.5), choices=TREE[:8])
+    if source == "eagle":
+        return EagleDrafter(random_head(target), depth=2, branching=2, tree_budget=4)
+    return StreamDrafter(random_streams(target), TREE[:8])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", ["medusa", "eagle", "streams"])
+@pytest.mark.parametrize("padded", ["trees", "plain"])
+def test_padding_keeps_learned_sources_identical(source, padded, arch):
+    """Medusa heads, an EAGLE head (its own cache follows the accepted guesses) and speculative streaming, with every
+    speculative tree grown by guesses (streams: not grown), or every step plain and padded to 4 nodes."""
+    target = tiny_model(arch)
+    x = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(4))
+    x = torch.cat([x, x[:, :6]], 1)  # repeats: some guesses are right
+    expected = target.generate(x, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    controller = PaddedSpeculation() if padded == "trees" else PaddedFallback(4)
+    out = specdec.generate(
+        target, x, drafter=_learned(source, target), controller=controller, max_new_tokens=30, eos_token_id=None,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, expected)
+    sizes = out.spec_stats.tree_sizes
+    if source == "streams" and padded == "trees":  # a step that scores streams is not padded: they are its extra tokens
+        assert 6 not in sizes
+    else:
+        assert sizes.count(6 if padded == "trees" else 4) >= len(sizes) // 2  # padded: a step is grown to that size
