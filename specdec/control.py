@@ -81,7 +81,7 @@ class ControlConfig:
     pad_recheck: int = 16  # every this many steps one goes unpadded, so that the plain step stays measured
     pad_trees: bool = True  # with `pad_steps`: grow a speculative tree to a size measured cheaper (`pad_size`)
     pad_remeasure: bool = True  # with `pad_steps`: measure a width again now and then; older exact-size times fade
-    pad_fallback: bool = True  # with `pad_steps`: judge speculation against the plain step as padded (`fallback_rate`)
+    pad_fallback: bool = False  # with `pad_steps`: speculation and fallback read at the cost of their padded steps
     prepare_probes: bool = True  # the plain step before a probe asks a streaming source for streams (`Plan.prepare`)
 
 
@@ -296,10 +296,14 @@ class Controller:
         """Expected tokens per second of a step drafting `depth` levels (depth 0: plain decoding), for the
         batch of `rows` rows being planned for: every row drafts (one after the other) and gains tokens. A tree of
         `n` draft nodes reaches depth `n` at most: when the node budget is below `depth`, only the depths the
-        budget can reach count."""
+        budget can reach count. With `pad_fallback` a tree that `pad_size` grows is read at the grown size's measured
+        time, as `fallback_rate` reads the plain step at its padded width's."""
         size = 1 + min(math.ceil(depth * self.width), self._budget(depth)) if depth else 1
         tokens = self.rows * (1.0 + self._gains[self.streak][min(depth, size - 1)])
-        seconds = (self.costs.draft_per_level or 0.0) * depth * self.rows + self._verify_times()[size - 1]
+        verify = self._verify_times()[size - 1]
+        if depth and self.config.pad_fallback and (grown := self.pad_size(size)) != size:
+            verify = self.costs.small[grown]  # `pad_size` grows the tree to a size measured cheaper: what it costs
+        seconds = (self.costs.draft_per_level or 0.0) * depth * self.rows + verify
         return tokens / max(seconds, 1e-9)
 
     def _verify_times(self) -> list[float]:
