@@ -351,8 +351,14 @@ class Controller:
             again = widths[(self._pad_calls // cfg.pad_recheck) % len(widths)]
             if small[rows * again] < 1.25 * small[rows]:  # not clearly dearer than a plain step: worth a look
                 return again
+        return self._cheapest_width(widths)
+
+    def _cheapest_width(self, widths: list[int]) -> int:
+        """Of measured padding `widths`, the cheapest for `rows` rows if measured at least `pad_margin` below the plain
+        step (measured too); else 1."""
+        rows, small = self.rows, self.costs.small
         best = min(widths, key=lambda w: (small[rows * w], w), default=1)
-        return best if best > 1 and small[rows * best] <= (1 - cfg.pad_margin) * small[rows] else 1
+        return best if best > 1 and small[rows * best] <= (1 - self.config.pad_margin) * small[rows] else 1
 
     def pad_size(self, size: int) -> int:
         """Nodes a speculative tree of `size` nodes (one row) should be grown to: the cheapest size above it, up to
@@ -379,9 +385,8 @@ class Controller:
         plain = self.expected_rate(0)
         if not (cfg.pad_steps and cfg.pad_fallback) or rows * 2 > SMALL or rows not in small:
             return plain
-        widths = [rows * w for w in (2, 4, 8) if w <= cfg.pad_max and rows * w in small]
-        cheap = [small[n] for n in widths if small[n] <= (1 - cfg.pad_margin) * small[rows]]
-        return max(plain, rows / min(cheap)) if cheap else plain
+        width = self._cheapest_width([w for w in (2, 4, 8) if w <= cfg.pad_max and rows * w in small])
+        return max(plain, rows / small[rows * width]) if width > 1 else plain
 
     def pays(self, tree_size: int, expected_gain: float) -> bool:
         """Whether verifying trees of `tree_size` nodes (root included; in a batch, the largest tree, to which
