@@ -240,12 +240,17 @@ class Controller:
         self._planned_plain = True  # the last step was plain: the next speculative one is a probe
         self.rows = 1  # rows of the batch being planned for
         self._pad_calls = 0
+        self._grows = True  # speculative trees may be grown (`pad_size`): `start`'s `grows_trees`
 
-    def start(self) -> None:
+    def start(self, grows_trees: bool = True) -> None:
         """A new generation: no streak, and speculation probed again within `probe_after` plain steps (a new
         text may draft better than the last one did), or within `probe_gap()` where probes are dear; costs and
         acceptance stay learnt, and so does half the back-off: where the probe fails again, the probes after it
-        stay rare (each costs a tree's verification)."""
+        stay rare (each costs a tree's verification). `grows_trees=False`: this generation's speculative trees are
+        not grown by `pad_size` (a streaming source's steps score streams after the tree, and are verified as they
+        are), so the plan must not read them at a grown size's time."""
+        if grows_trees != self._grows:  # the plan's tables read trees at their grown sizes, or not
+            self._grows, self._budgets, self._best = grows_trees, {}, None
         self.streak = 0
         self.plain_left = min(self.plain_left, max(self.config.probe_after, self.probe_gap()))
         self.backoff = max(self.config.probe_after, self.backoff // 2)
@@ -364,10 +369,10 @@ class Controller:
         """Nodes a speculative tree of `size` nodes (one row) should be grown to: the cheapest size above it, up to
         `pad_max`, measured at least `pad_margin` cheaper to verify than `size` itself (on this AMD EPYC in fp32 a
         tree of 3 nodes takes 65 ms and one of 4 takes 52); `size` where none was, or `size` was not measured, or
-        in a batch. Only measured sizes count: a tree is never grown to explore, and the size it is grown to goes
-        on being measured."""
+        in a batch, or in a generation whose trees are not grown (`start`). Only measured sizes count: a tree is
+        never grown to explore, and the size it is grown to goes on being measured."""
         cfg, small = self.config, self.costs.small
-        if not (cfg.pad_steps and cfg.pad_trees) or self.rows != 1 or size not in small:
+        if not (cfg.pad_steps and cfg.pad_trees and self._grows) or self.rows != 1 or size not in small:
             return size
         best = min(
             (m for m in range(size + 1, cfg.pad_max + 1) if m in small), key=lambda m: (small[m], m), default=size

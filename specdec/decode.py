@@ -97,8 +97,8 @@ def decode(
     new_tokens: list[int] = []
     new_logits: list[torch.Tensor] = []  # [1, V] per new token when asked for
     parts.drafter.start(parts.target)
-    if parts.controller is not None:
-        parts.controller.start()
+    if parts.controller is not None:  # a streaming source's speculative steps score streams: they are not grown
+        parts.controller.start(grows_trees=not parts.drafter.streaming)
 
     tic = verify.wall_time(parts.target)
     keep_hidden, layers = parts.drafter.uses_hidden_states, parts.drafter.hidden_layers

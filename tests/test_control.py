@@ -415,13 +415,18 @@ def test_speculation_is_judged_against_the_plain_step_as_padded():
     assert off.fallback_rate() == off.expected_rate(0)  # the unpadded plain step, as before
     # and a tree that `pad_size` grows (3 nodes -> 4) is read at the grown size's time, not at its own size class's
     rates = {}
-    for pad_fallback in (True, False):
+    for pad_fallback in (False, True):
         c = Controller(ControlConfig(pad_recheck=1000, pad_fallback=pad_fallback))
         for size in (1, 2, 3, 4, 8):
             c.costs.add_verify(size, mkl_verify(size))
         c._line, c.width = c.costs.verify_line(), 2.0
         assert c.pad_size(3) == 4
         rates[pad_fallback] = c.expected_rate(1)
+        if pad_fallback:  # a generation whose trees are not grown (a streaming source's) reads them as they are
+            c.start(grows_trees=False)
+            assert c.pad_size(3) == 3 and c.expected_rate(1) == pytest.approx(rates[False])
+            c.start()
+            assert c.pad_size(3) == 4 and c.expected_rate(1) == pytest.approx(rates[True])
     assert rates[True] * mkl_verify(4) == pytest.approx(1.6)  # 1 + the prior's 0.6 at depth 1, over 52.2 ms
     assert rates[False] < rates[True]  # the same tokens over size 3's class (sizes 2 and 3: 54-65 ms)
 
