@@ -7,7 +7,9 @@
   `ngram_memory` (the target's own answers to training prompts, and every answer of this run as it
   goes); `medusa`: specdec with Medusa heads; `composite`: n-gram (with the memory) then draft model
   (`Composite`); `medusa_ngram`: n-gram (with the memory) then Medusa heads; `eagle`, `eagle_ngram`: the
-  same with an EAGLE-3 head (`eagle_head`, EAGLE-2 dynamic trees); `streams`, `streams_ngram`: speculative
+  same with an EAGLE-3 head (`eagle_head`, EAGLE-2 dynamic trees); `medusa_eagle_ngram`: all three, their
+  trees merged where the n-gram source is not confident alone (for targets whose forward costs the same for
+  many tokens, e.g. offloaded ones); `streams`, `streams_ngram`: speculative
   streaming (`stream_embeddings`: the target drafts at stream tokens in its verification forward); `useless`
   (random tokens) and `collapsing` (`ngram_memory` for the first half of each answer, random tokens after):
   sources made to fail (eval/stress.py), which the controller must survive.
@@ -90,6 +92,7 @@ def build_methods(cfg: DictConfig, target, draft) -> dict[str, Method]:
         "medusa_ngram": lambda: Composite([ngram_memory(), medusa()]),
         "eagle": eagle,
         "eagle_ngram": lambda: Composite([ngram_memory(), eagle()]),
+        "medusa_eagle_ngram": lambda: Composite([ngram_memory(), medusa(), eagle()]),
         "streams": streams,
         "streams_ngram": lambda: Composite([ngram_memory(), streams()]),
         "useless": lambda: Useless(vocab_size(target)),  # eval/stress.py: the controller must lose ~nothing

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_medusa import random_heads
 from tiny import ARCHS, VOCAB, tiny_model
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -16,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 import specdec
 from heads.eagle import EagleHead, default_layers, export_eagle3, rope_frequencies
 from specdec import verify
-from specdec.drafters import Composite, EagleDrafter, NGramDrafter
+from specdec.drafters import Composite, EagleDrafter, MedusaDrafter, NGramDrafter
 from specdec.drafters.base import DecodeState
 from specdec.tree import TokenTree
 
@@ -210,6 +211,23 @@ def test_eagle_in_a_composite_keeps_its_context_when_not_asked():
     other = EagleDrafter(random_head(tiny_model("llama", num_hidden_layers=4)))
     with pytest.raises(ValueError, match="same target layers"):
         Composite([eagle, other])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eagle_medusa_and_ngram_merged_into_one_tree_stay_exact(arch):
+    """`eval.methods`' `medusa_eagle_ngram`: every source drafts (skip_gain too high to end a round early) and their
+    trees are merged; both hidden-state readers get their states (the final one, and EAGLE's three layers)."""
+    target = tiny_model(arch)
+    eagle = EagleDrafter(random_head(target), depth=3, branching=2, tree_budget=6)
+    medusa = MedusaDrafter(random_heads(target, num_heads=3))
+    asked = {"eagle": 0, "medusa": 0}
+    for name, drafter in (("eagle", eagle), ("medusa", medusa)):
+        propose = drafter.propose
+        drafter.propose = lambda state, p=propose, n=name: asked.__setitem__(n, asked[n] + 1) or p(state)
+    composite = Composite([NGramDrafter(), medusa, eagle], skip_gain=100.0)
+    tokens, expected, stats = greedy(target, composite, n=40)
+    assert tokens == expected
+    assert asked["eagle"] > 0 and asked["medusa"] > 0 and max(stats.tree_sizes) > 1
 
 
 # ---------------------------------------------------------------- saving, loading, wrong models
