@@ -8,8 +8,8 @@ to `target.generate`'s (fp32 is exact; bf16 can flip near-ties). Method `plain` 
 plain batched step through specdec's loop, which measures the loop's overhead over `target.generate`.
 
 Run: .venv/bin/python -m eval.bench_batch [--batch-sizes 1 4 8 16] [--prompts-per-batch ...] [--methods plain
-     ngram draft composite] [--dtype fp32|bf16] [--max-new-tokens 64] [--target smollm2-135m-instruct|tiny]
-     [--out outputs/bench_batch.json]
+     ngram draft composite medusa medusa_ngram eagle] [--dtype fp32|bf16] [--max-new-tokens 64]
+     [--target smollm2-135m-instruct|tiny] [--out outputs/bench_batch.json]
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from heads.eagle import BUILTIN_EAGLE, EagleHead
+from heads.medusa import BUILTIN_HEADS, MedusaHeads
 from specdec.chat import chat_input_ids, load_questions
 from specdec.cpu import tune_cpu_blas
-from specdec.drafters import Composite, Drafter, ModelDrafter, NGramDrafter
+from specdec.drafters import Composite, Drafter, EagleDrafter, MedusaDrafter, ModelDrafter, NGramDrafter
 from specdec.drafters.base import DecodeState
 from specdec.drafters.memory import BUILTIN_MEMORY
 from specdec.generate import SpeculativeGenerator
@@ -78,6 +80,13 @@ def build(method: str, target, target_name: str, dtype: str) -> Drafter:
         return NoDraft()
     if method == "ngram":  # the shipped memory holds the built-in target's answers
         return NGramDrafter(memory=BUILTIN_MEMORY if target_name == BUILTIN_TARGET else None, remember=False)
+    if method in ("medusa", "medusa_ngram"):  # the shipped heads (trained for the built-in target)
+        medusa = MedusaDrafter(MedusaHeads.from_pretrained(BUILTIN_HEADS, target))
+        if method == "medusa":
+            return medusa
+        return Composite([NGramDrafter(memory=BUILTIN_MEMORY, remember=False), medusa])
+    if method == "eagle":
+        return EagleDrafter(EagleHead.from_pretrained(BUILTIN_EAGLE, target))
     draft = ModelDrafter(load_model(DEFAULT_DRAFTS[target_name], dtype=dtype)[0])
     if method == "draft":
         return draft
@@ -121,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = parse_dtype(args.dtype)
     if args.target == "tiny":
         target, tokenizer = tiny_target(dtype)
-        args.methods = [m for m in args.methods if m in ("plain", "ngram")]  # no draft model for a random target
+        args.methods = [m for m in args.methods if m in ("plain", "ngram")]  # no draft or heads for a random target
     else:
         target, tokenizer = load_model(args.target, dtype=args.dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
