@@ -81,7 +81,7 @@ class ControlConfig:
     pad_recheck: int = 16  # every this many steps one goes unpadded, so that the plain step stays measured
     pad_trees: bool = True  # with `pad_steps`: grow a speculative tree to a size measured cheaper (`pad_size`)
     pad_remeasure: bool = True  # with `pad_steps`: measure a width again now and then; older exact-size times fade
-    pad_fallback: bool = False  # with `pad_steps`: speculation and fallback read at the cost of their padded steps
+    pad_fallback: bool = True  # with `pad_steps`: speculation and fallback read at the cost of their padded steps
     prepare_probes: bool = True  # the plain step before a probe asks a streaming source for streams (`Plan.prepare`)
 
 
