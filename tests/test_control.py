@@ -451,7 +451,8 @@ def test_speculative_trees_grow_only_to_a_size_measured_cheaper():
 
 
 class PaddedSpeculation(_Controller):
-    """Every step speculative with at most 2 draft nodes, each tree grown to 6 nodes; what `update` is told is kept."""
+    """Every step speculative with at most 2 draft nodes, each tree grown to 6 nodes (not a streaming source's: its
+    generations do not grow trees, `start`); what `update` is told is kept."""
 
     def __init__(self):
         super().__init__()
@@ -461,7 +462,7 @@ class PaddedSpeculation(_Controller):
         return Plan(True, 2, 2, 0.0)
 
     def pad_size(self, size: int) -> int:
-        return 6
+        return 6 if self._grows else size
 
     def update(self, plan, tree_size, tree_depth, accepted, *args, **kwargs) -> None:
         self.told.append((tree_size, tree_depth, accepted))
