@@ -347,7 +347,7 @@ class Controller:
         self._pad_calls += 1
         if rows not in small or self._pad_calls % cfg.pad_recheck == 0:
             return 1
-        widths = [w for w in (2, 4, 8) if w <= cfg.pad_max and rows * w <= SMALL]
+        widths = self._pad_widths()
         untried = [w for w in widths if rows * w not in small]
         if untried:
             return untried[0]
@@ -357,6 +357,10 @@ class Controller:
             if small[rows * again] < 1.25 * small[rows]:  # not clearly dearer than a plain step: worth a look
                 return again
         return self._cheapest_width(widths)
+
+    def _pad_widths(self) -> list[int]:
+        """Padding widths a plain step may take: 2, 4 and 8 nodes per row, up to `pad_max` and `SMALL` tokens in all."""
+        return [w for w in (2, 4, 8) if w <= self.config.pad_max and self.rows * w <= SMALL]
 
     def _cheapest_width(self, widths: list[int]) -> int:
         """Of measured padding `widths`, the cheapest for `rows` rows if measured at least `pad_margin` below the plain
@@ -390,7 +394,7 @@ class Controller:
         plain = self.expected_rate(0)
         if not (cfg.pad_steps and cfg.pad_fallback) or rows * 2 > SMALL or rows not in small:
             return plain
-        width = self._cheapest_width([w for w in (2, 4, 8) if w <= cfg.pad_max and rows * w in small])
+        width = self._cheapest_width([w for w in self._pad_widths() if rows * w in small])
         return max(plain, rows / small[rows * width]) if width > 1 else plain
 
     def pays(self, tree_size: int, expected_gain: float) -> bool:
