@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from test_sampling import chi_square, exact_two_tokens, random_eagle, tiny_pair
@@ -191,8 +193,8 @@ def eagle(target, small, rows):
     return EagleDrafter(EagleHead.for_model(target).eval(), depth=3, branching=2, tree_budget=6)
 
 
-def medusa(target, small, rows):
-    heads = MedusaHeads.for_model(target, num_heads=3)
+def medusa(target, small, rows, path_inputs=False):
+    heads = MedusaHeads.for_model(target, num_heads=3, path_inputs=path_inputs)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in heads.parameters():
@@ -202,6 +204,10 @@ def medusa(target, small, rows):
 
 HEADS = {
     "medusa": medusa,
+    "medusa, path heads": partial(medusa, path_inputs=True),
+    "composite ngram + path medusa": lambda t, s, rows: Composite(
+        [NGramDrafter(), medusa(t, s, rows, path_inputs=True)], skip_gain=0.5
+    ),
     "eagle": eagle,
     "composite ngram + eagle": lambda t, s, rows: Composite([NGramDrafter(), eagle(t, s, rows)], skip_gain=0.5),
     "composite ngram memory + draft": lambda t, s, rows: Composite(

@@ -251,6 +251,62 @@ def test_path_heads_skip_children_below_the_threshold_and_build_the_same_tree(mo
     assert head_calls == {1, 2, 3}  # from the root's children only to the full depth
 
 
+@pytest.mark.parametrize("path_inputs", [False, True])
+def test_rows_drafted_together_get_their_own_trees_with_one_head_call_per_depth(monkeypatch, path_inputs):
+    target = tiny_model("llama")
+    heads = random_heads(target, num_heads=3, scale=0.5, path_inputs=path_inputs)
+    drafter = MedusaDrafter(heads, choices=TREE[:8])
+    drafter.start(target)
+    gen = torch.Generator().manual_seed(1)
+    states = [
+        DecodeState(PROMPT, max_depth=4, hidden=torch.randn(64, generator=gen)),
+        DecodeState(PROMPT[:, :-2], max_depth=4, budget=3, hidden=torch.randn(64, generator=gen)),
+        DecodeState(PROMPT, max_depth=4, hidden=None),  # a one-token prompt's first step: nothing to draft from
+        DecodeState(PROMPT[:, :-1], max_depth=1, threshold=0.2, hidden=torch.randn(64, generator=gen)),
+    ]
+    forks = [drafter.fork() for _ in states]
+    calls = []
+    head_features = heads.head_features
+    monkeypatch.setattr(heads, "head_features", lambda k, *args: calls.append(k) or head_features(k, *args))
+    together = forks[0].propose_rows(forks, states)
+    assert calls == [0, 1, 2]  # each head once for all rows (row by row: once per row)
+    alone = [drafter.propose(state) for state in states]
+    assert [len(tree) for tree in alone] == [9, 4, 1, 2]
+    for a, b in zip(together, alone, strict=True):
+        assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist()
+        assert (a.scores is None) == (b.scores is None)
+        assert a.scores is None or torch.allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_a_composite_drafts_rows_together_as_each_row_alone():
+    target = tiny_model("llama")
+    heads = random_heads(target, num_heads=3, scale=0.5, path_inputs=True)
+    composite = Composite([NGramDrafter(), MedusaDrafter(heads, choices=TREE[:8])], skip_gain=2.0)
+    gen = torch.Generator().manual_seed(2)
+    # an n-gram tree good enough alone, no n-gram at all (the heads' tree), and one merged with the heads'
+    prompts = [
+        torch.tensor([[3, 4, 5, 6, 7, 8] * 2 + [3, 4, 5, 6]]),
+        torch.tensor([[11, 12, 13]]),
+        torch.tensor([[9, 2, 8, 9]]),
+    ]
+    together, alone = [composite.fork() for _ in prompts], [composite.fork() for _ in prompts]
+    for fork in together + alone:
+        fork.start(target)
+    for _ in range(3):  # a few steps, so that the accounts move
+        states = [DecodeState(p, max_depth=3, hidden=torch.randn(64, generator=gen), step_time=0.01) for p in prompts]
+        trees = together[0].propose_rows(together, states)
+        assert [[index for index, _ in fork._asked] for fork in together] == [[0], [0, 1], [0, 1]]
+        for fork, state, tree in zip(alone, states, trees, strict=True):
+            own = fork.propose(state)
+            assert own.tokens.tolist() == tree.tokens.tolist() and own.parents.tolist() == tree.parents.tolist()
+        for forks in (together, alone):
+            for fork, tree in zip(forks, trees, strict=True):
+                fork.commit(specdec.acceptance.Acceptance([0, 1], [int(tree.tokens[0]), int(tree.tokens[1])]))
+        for a, b in zip(together, alone, strict=True):
+            assert [x.asks for x in a.ledgers] == [x.asks for x in b.ledgers]
+            assert [x.accepted for x in a.ledgers] == [x.accepted for x in b.ledgers]
+
+
 # ---------------------------------------------------------------- exactness
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -113,6 +114,12 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, state: DecodeState) -> TokenTree:
         """A tree rooted at `state.root`, at most `state.max_depth` deep (a root-only tree drafts nothing)."""
+
+    def propose_rows(self, drafters: Sequence[Drafter], states: Sequence[DecodeState]) -> list[TokenTree]:
+        """The trees of several rows of a batch (`drafters`: the rows' forks of one source, this one among them;
+        `states`: theirs), as each row's `propose` would give them. The default asks each row in turn; a source
+        that drafts with a model call overrides it to make one call for all rows."""
+        return [drafter.propose(state) for drafter, state in zip(drafters, states, strict=True)]
 
     def stream_budget(self, state: DecodeState) -> int:
         """Stream tokens this source will add to the verification forward of the step `state` plans (0: none, the

@@ -133,33 +133,51 @@ class Composite(Drafter):
             drafter.finish(new_tokens)
 
     def propose(self, state: DecodeState) -> TokenTree:
-        self._asked = []
-        tree = self._propose(state)
-        asked = {index for index, _ in self._asked}
-        for index, drafter in enumerate(self.drafters):  # a source not asked still takes the step's target features
-            if drafter.hidden_layers and index not in asked:
-                drafter.propose(replace(state, max_depth=0))
-        return tree
+        return self.propose_rows([self], [state])[0]
 
-    def _propose(self, state: DecodeState) -> TokenTree:
-        if state.max_depth < 1:
-            return TokenTree.chain(state.root)
-        for index, drafter in enumerate(self.drafters):
-            if (state.free_only and not drafter.free) or not self._worth_asking(index, state.step_time):
+    def propose_rows(self, drafters: Sequence[Drafter], states: Sequence[DecodeState]) -> list[TokenTree]:
+        """Each row's tree, the sources asked in order as in `propose`, each source once for all the rows that ask
+        it (so that batched heads make one call per step); each row keeps its own accounts."""
+        rows: list[Composite] = list(drafters)
+        trees: list[TokenTree | None] = [None] * len(rows)
+        pending = []  # rows whose tree is not chosen yet
+        for r, (row, state) in enumerate(zip(rows, states, strict=True)):
+            row._asked = []
+            if state.max_depth < 1:
+                trees[r] = TokenTree.chain(state.root)
+            else:
+                pending.append(r)
+        for index, source in enumerate(self.drafters):
+            askers = [
+                r
+                for r in pending
+                if not (states[r].free_only and not source.free) and rows[r]._worth_asking(index, states[r].step_time)
+            ]
+            if not askers:
                 continue
+            forks = [rows[r].drafters[index] for r in askers]
             tic = time.perf_counter()
-            tree = drafter.propose(state)
-            ledger = self.ledgers[index]
-            ledger.asks = self.discount * ledger.asks + 1
+            proposed = forks[0].propose_rows(forks, [states[r] for r in askers])
             # rank 0's time on every rank in lockstep (tensor parallelism), so all skip the same sources
-            (drafting,) = distributed.rank_zero(time.perf_counter() - tic - drafter.catchup_time)
-            ledger.seconds = self.discount * ledger.seconds + drafting
-            self._asked.append((index, tree))
-            # a tree of random draws is used as drawn: choosing it by its tokens' values would bias them
-            if tree.is_sampled or tree.expected_gain >= self.skip_gain:
-                return tree
-        trees = [tree for _, tree in self._asked if len(tree) > 1]
-        return merge_trees(trees, self.tree_budget) if trees else TokenTree.chain(state.root)
+            (drafting,) = distributed.rank_zero(time.perf_counter() - tic - sum(f.catchup_time for f in forks))
+            for r, tree in zip(askers, proposed, strict=True):
+                ledger = rows[r].ledgers[index]
+                ledger.asks = self.discount * ledger.asks + 1
+                ledger.seconds = self.discount * ledger.seconds + drafting / len(askers)
+                rows[r]._asked.append((index, tree))
+                # a tree of random draws is used as drawn: choosing it by its tokens' values would bias them
+                if tree.is_sampled or tree.expected_gain >= self.skip_gain:
+                    trees[r] = tree
+                    pending.remove(r)
+        for r in pending:
+            drafted = [tree for _, tree in rows[r]._asked if len(tree) > 1]
+            trees[r] = merge_trees(drafted, self.tree_budget) if drafted else TokenTree.chain(states[r].root)
+        for index, source in enumerate(self.drafters):  # a source not asked still takes the step's target features
+            idle = [r for r, row in enumerate(rows) if source.hidden_layers and index not in dict(row._asked)]
+            if idle:
+                forks = [rows[r].drafters[index] for r in idle]
+                forks[0].propose_rows(forks, [replace(states[r], max_depth=0) for r in idle])
+        return trees
 
     def _worth_asking(self, index: int, step_time: float | None) -> bool:
         ledger = self.ledgers[index]

@@ -70,54 +70,106 @@ class MedusaDrafter(Drafter):
             top = [[self._vocab[t] for t in row] for row in top]
         return top_lp, top
 
-    @torch.no_grad()
     def propose(self, state: DecodeState) -> TokenTree:
-        if state.max_depth < 1 or state.hidden is None:
-            return TokenTree.chain(state.root)
+        return self.propose_rows([self], [state])[0]
+
+    @torch.no_grad()
+    def propose_rows(self, drafters: Sequence[Drafter], states: Sequence[DecodeState]) -> list[TokenTree]:
+        """Every row's tree with one head call per depth for all rows (the heads and their weights are shared by
+        the forks, and a head call's cost is mostly reading its weights: on a 2-core CPU, rows one by one made
+        Medusa's drafting 4 times dearer in a batch of 4)."""
         if self._weights is None:
             raise RuntimeError("MedusaDrafter.start(target) must be called before propose()")
-        choices = [c for c in self.choices if len(c) <= state.max_depth]
-        if self.heads.config.path_inputs:  # each depth costs a head call: build only what the budget keeps
-            choices = _first(choices, state.budget)
-            if not choices:
-                return TokenTree.chain(state.root)
-            return trim(self._path_tree(state, choices), state)
-        features = self.heads.features(state.hidden)  # [K, H]
-        if self.heads.lm_heads is None:  # shared LM head: one matmul for all heads
-            top_lp, top_tok = self._top(self._weights[0], features)  # [K, k]
+        trees: list[TokenTree | None] = [None] * len(states)
+        asked = {}  # row -> its choices
+        for r, state in enumerate(states):
+            choices = [c for c in self.choices if len(c) <= state.max_depth] if state.hidden is not None else []
+            if self.heads.config.path_inputs:  # each depth costs a head call: build only what the budget keeps
+                choices = _first(choices, state.budget)
+            if choices:
+                asked[r] = choices
+            else:
+                trees[r] = TokenTree.chain(state.root)
+        if not asked:
+            return trees
+        rows = list(asked)
+        if self.heads.config.path_inputs:
+            built = self._path_trees([states[r] for r in rows], [asked[r] for r in rows])
         else:
-            tops = [self._top(w, f.unsqueeze(0)) for w, f in zip(self._weights, features, strict=True)]
-            top_lp, top_tok = ([row for lp, _ in tops for row in lp], [row for _, tok in tops for row in tok])
-        tree = TokenTree.from_choices(state.root, choices, torch.tensor(top_tok), torch.tensor(top_lp))
-        return trim(tree, state)
+            built = self._static_trees([states[r] for r in rows], [asked[r] for r in rows])
+        for r, tree in zip(rows, built, strict=True):
+            trees[r] = trim(tree, states[r])
+        return trees
 
-    def _path_tree(self, state: DecodeState, choices: list[tuple[int, ...]]) -> TokenTree:
-        """The `choices` tree for path-conditioned heads: depth by depth, head `d` runs once on the paths of
-        all depth-`d` nodes that have children (path = root + the node's tokens). A node below the plan's
-        threshold gets no children: theirs would score lower still, and `trim` would drop them (so each
-        depth that nothing reaches saves a head call)."""
-        paths: dict[tuple[int, ...], list[int]] = {(): [state.root]}  # each node's tokens from the root
-        node: dict[tuple[int, ...], int] = {(): 0}  # each choice's node, numbered depth by depth in choice order
-        tokens, parents, scores = [state.root], [-1], [0.0]
-        for depth in range(1, max(len(c) for c in choices) + 1):
-            level = sorted(c for c in choices if len(c) == depth)
-            expanding = sorted({c[:-1] for c in level if c[:-1] in node and _expands(c[:-1], node, scores, state)})
-            if not expanding:
+    def _static_trees(self, states: list[DecodeState], choices: list[list[tuple[int, ...]]]) -> list[TokenTree]:
+        """The `choices` trees for heads that read the hidden state only: every head on every row at once."""
+        hidden = torch.stack([state.hidden for state in states])  # [R, H]
+        features = self.heads.features(hidden)  # [K, R, H]
+        num_heads, rows = features.shape[:2]
+        if self.heads.lm_heads is None:  # shared LM head: one matmul for all heads
+            top_lp, top_tok = self._top(self._weights[0], features.flatten(0, 1))  # [K*R, k], head-major
+        else:
+            tops = [self._top(w, f) for w, f in zip(self._weights, features, strict=True)]
+            top_lp, top_tok = [row for lp, _ in tops for row in lp], [row for _, tok in tops for row in tok]
+        trees = []
+        for r, (state, row_choices) in enumerate(zip(states, choices, strict=True)):
+            picks = [r + k * rows for k in range(num_heads)]  # row r's candidates at each depth
+            tokens, lps = torch.tensor([top_tok[i] for i in picks]), torch.tensor([top_lp[i] for i in picks])
+            trees.append(TokenTree.from_choices(state.root, row_choices, tokens, lps))
+        return trees
+
+    def _path_trees(self, states: list[DecodeState], choices: list[list[tuple[int, ...]]]) -> list[TokenTree]:
+        """The `choices` trees for path-conditioned heads: depth by depth, head `d` runs once on the paths of all
+        rows' depth-`d` nodes that have children (path = root + the node's tokens). A node below the plan's
+        threshold gets no children: theirs would score lower still, and `trim` would drop them (so each depth that
+        nothing reaches saves a head call)."""
+        built = [_Building(state) for state in states]
+        for depth in range(1, max(len(c) for row in choices for c in row) + 1):
+            levels = [sorted(c for c in row if len(c) == depth) for row in choices]
+            expanding = [b.expanding(level) for b, level in zip(built, levels, strict=True)]
+            if not any(expanding):
                 break
-            path = torch.tensor([paths[p] for p in expanding], device=state.hidden.device)  # [P, depth]
-            hidden = state.hidden.expand(len(expanding), -1)
-            features = self.heads.head_features(depth - 1, hidden, path, self._embed)
+            device = states[0].hidden.device
+            path = torch.tensor([b.paths[p] for b, ps in zip(built, expanding, strict=True) for p in ps], device=device)
+            hidden = torch.stack([b.state.hidden for b, ps in zip(built, expanding, strict=True) for _ in ps])
+            features = self.heads.head_features(depth - 1, hidden, path, self._embed)  # [P, H] over all rows
             top_lp, top_tok = self._top(self._weights[depth - 1], features)
-            rows = {parent: row for row, parent in enumerate(expanding)}
-            for choice in level:
-                parent, rank = choice[:-1], choice[-1]
-                if parent in rows:  # siblings are distinct top-k picks: no two share a token
-                    token = top_tok[rows[parent]][rank]
-                    node[choice], paths[choice] = len(tokens), [*paths[parent], token]
-                    tokens.append(token)
-                    parents.append(node[parent])
-                    scores.append(scores[node[parent]] + top_lp[rows[parent]][rank])
-        return TokenTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(scores))
+            start = 0
+            for b, level, ps in zip(built, levels, expanding, strict=True):
+                b.grow(level, ps, top_lp[start : start + len(ps)], top_tok[start : start + len(ps)])
+                start += len(ps)
+        return [b.tree() for b in built]
+
+
+class _Building:
+    """One row's path-conditioned tree while `_path_trees` fills it depth by depth."""
+
+    def __init__(self, state: DecodeState):
+        self.state = state
+        self.paths: dict[tuple[int, ...], list[int]] = {(): [state.root]}  # each node's tokens from the root
+        self.node: dict[tuple[int, ...], int] = {(): 0}  # each choice's node, numbered depth by depth in choice order
+        self.tokens, self.parents, self.scores = [state.root], [-1], [0.0]
+
+    def expanding(self, level: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """The parents of `level`'s choices that get children (the head's rows for this tree)."""
+        return sorted(
+            {c[:-1] for c in level if c[:-1] in self.node and _expands(c[:-1], self.node, self.scores, self.state)}
+        )
+
+    def grow(self, level: list[tuple[int, ...]], expanding: list[tuple[int, ...]], top_lp, top_tok) -> None:
+        """Add `level`'s choices below the `expanding` parents, from the head's top candidates for them."""
+        rows = {parent: row for row, parent in enumerate(expanding)}
+        for choice in level:
+            parent, rank = choice[:-1], choice[-1]
+            if parent in rows:  # siblings are distinct top-k picks: no two share a token
+                token = top_tok[rows[parent]][rank]
+                self.node[choice], self.paths[choice] = len(self.tokens), [*self.paths[parent], token]
+                self.tokens.append(token)
+                self.parents.append(self.node[parent])
+                self.scores.append(self.scores[self.node[parent]] + top_lp[rows[parent]][rank])
+
+    def tree(self) -> TokenTree:
+        return TokenTree(torch.tensor(self.tokens), torch.tensor(self.parents), torch.tensor(self.scores))
 
 
 def _expands(
