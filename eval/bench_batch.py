@@ -1,13 +1,14 @@
 """Throughput of batched speculative decoding vs `target.generate` on the same left-padded batches (#27).
 
-For each batch size B, the first B prompts (chat template, left padding) are decoded greedily by
-`target.generate` and by `SpeculativeGenerator` with each method, taking turns, `--repeats` times (median); the
-figure is new tokens per second over the batch (each row's tokens up to and including its EOS, not the padding
-after it), with the speedup over `target.generate` measured in the same run, and the share of rows identical
+For each batch size B, `--batches` batches of B prompts (dev questions, the tasks in turn, chat template, left
+padding; the first B x `--batches` questions) are decoded greedily by `target.generate` and by `SpeculativeGenerator`
+with each method, taking turns, `--repeats` times (median per batch); the figure is new tokens per second over all
+of them (each row's tokens up to and including its EOS, not the padding after it), with the speedup over
+`target.generate` measured in the same run, and the share of rows identical
 to `target.generate`'s (fp32 is exact; bf16 can flip near-ties). Method `plain` drafts nothing: every step is a
 plain batched step through specdec's loop, which measures the loop's overhead over `target.generate`.
 
-Run: .venv/bin/python -m eval.bench_batch [--batch-sizes 1 4 8 16] [--prompts-per-batch ...] [--methods plain
+Run: .venv/bin/python -m eval.bench_batch [--batch-sizes 1 4 8 16] [--batches 1] [--methods plain
      ngram draft composite medusa medusa_ngram eagle] [--dtype fp32|bf16] [--max-new-tokens 64]
      [--target smollm2-135m-instruct|tiny] [--out outputs/bench_batch.json]
 """
@@ -45,8 +46,11 @@ class NoDraft(Drafter):
         return TokenTree.chain(state.root)
 
 
-def batches(tokenizer, sizes: list[int], pad: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch size B: `[B, L]` left-padded input ids of the first B questions (tasks in turn), and the mask."""
+def batches(
+    tokenizer, sizes: list[int], pad: int, count: int = 1
+) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per batch size B: `count` batches of `[B, L]` left-padded input ids (the first B x `count` questions, tasks in
+    turn), each with its mask."""
     questions = load_questions(QUESTIONS)
     by_task: dict[str, list[dict]] = {}
     for q in questions:
@@ -54,16 +58,18 @@ def batches(tokenizer, sizes: list[int], pad: int) -> dict[int, tuple[torch.Tens
     interleaved = [q for group in zip(*by_task.values(), strict=False) for q in group]
     prompts = [chat_input_ids(tokenizer, [{"role": "user", "content": q["turns"][0]}])[0] for q in interleaved]
     prompts = [p[-192:] for p in prompts]  # long RAG prompts would dominate the batch's padding
-    out = {}
-    for size in sizes:
-        rows = prompts[:size]
-        width = max(len(p) for p in rows)
-        ids = torch.full((size, width), pad, dtype=torch.long)
-        mask = torch.zeros(size, width, dtype=torch.long)
-        for i, p in enumerate(rows):
-            ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
-        out[size] = (ids, mask)
-    return out
+    if max(sizes) * count > len(prompts):
+        raise ValueError(f"{max(sizes)} x {count} prompts asked for, the dev split has {len(prompts)}")
+    return {size: [_left_padded(prompts[k * size : (k + 1) * size], pad) for k in range(count)] for size in sizes}
+
+
+def _left_padded(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, p in enumerate(rows):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    return ids, mask
 
 
 def new_tokens(sequences: torch.Tensor, prompt_width: int, eos: set[int]) -> list[list[int]]:
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="fp32")  # bf16 is slower with the quantized GGUF kernels (float32 math)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=1, help="batches of each size (disjoint questions)")
     parser.add_argument("--target", default=BUILTIN_TARGET, help=f"{BUILTIN_TARGET} or tiny (a random 2-layer Llama)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_batch.json"))
     args = parser.parse_args(argv)
@@ -137,36 +144,52 @@ def main(argv: list[str] | None = None) -> None:
     eos = {tokenizer.eos_token_id}
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=pad)
     gens = {m: SpeculativeGenerator(target, build(m, target, args.target, args.dtype)) for m in args.methods}
-    data = batches(tokenizer, args.batch_sizes, pad)
-    warm_ids, warm_mask = data[min(args.batch_sizes)]
+    data = batches(tokenizer, args.batch_sizes, pad, args.batches)
+    warm_ids, warm_mask = data[min(args.batch_sizes)][0]
     target.generate(warm_ids, attention_mask=warm_mask, **{**settings, "max_new_tokens": 4})
     for gen in gens.values():  # warm-up, and the controller's first measurements
         gen.generate(warm_ids, attention_mask=warm_mask, **{**settings, "max_new_tokens": 8})
 
     results = []
-    for size, (ids, mask) in data.items():
-        runs = {"target.generate": partial(target.generate, ids, attention_mask=mask, **settings)}
-        for method, gen in gens.items():
-            runs[method] = partial(gen.generate, ids, attention_mask=mask, return_dict_in_generate=True, **settings)
-        outs, seconds = interleaved(runs, args.repeats)
-        expected = new_tokens(outs["target.generate"], ids.shape[1], eos)
-        base_rate = sum(map(len, expected)) / seconds["target.generate"]
-        row = {"batch_size": size, "target_generate_tokens_per_s": base_rate, "methods": {}}
+    for size, groups in data.items():
+        totals = {name: {"tokens": 0, "seconds": 0.0} for name in ["target.generate", *gens]}
+        per_method = {m: {"identical": 0, "row_steps": 0, "fallback_steps": 0, "steps": 0} for m in gens}
+        for k, (ids, mask) in enumerate(groups):
+            runs = {"target.generate": partial(target.generate, ids, attention_mask=mask, **settings)}
+            for method, gen in gens.items():
+                runs[method] = partial(gen.generate, ids, attention_mask=mask, return_dict_in_generate=True, **settings)
+            outs, seconds = interleaved(runs, args.repeats)
+            expected = new_tokens(outs["target.generate"], ids.shape[1], eos)
+            totals["target.generate"]["tokens"] += sum(map(len, expected))
+            totals["target.generate"]["seconds"] += seconds["target.generate"]
+            for method in gens:
+                stats, got = outs[method].spec_stats, new_tokens(outs[method].sequences, ids.shape[1], eos)
+                totals[method]["tokens"] += sum(map(len, got))
+                totals[method]["seconds"] += seconds[method]
+                tally = per_method[method]
+                tally["identical"] += sum(a == b for a, b in zip(got, expected, strict=True))
+                rows = getattr(stats, "rows", [stats])  # one prompt: a SpecStats
+                tally["row_steps"] += sum(len(row.accept_lengths) for row in rows)
+                tally["fallback_steps"] += stats.fallback_steps
+                tally["steps"] += len(stats.plans) or stats.target_forwards - 1
+            done = {m: round(seconds["target.generate"] / seconds[m], 2) for m in gens}
+            print(f"B={size:>2} batch {k + 1}/{len(groups)}: speedup {done}", flush=True)
+        base = totals["target.generate"]
+        base_rate = base["tokens"] / base["seconds"]
+        row = {"batch_size": size, "batches": len(groups), "target_generate_tokens_per_s": base_rate, "methods": {}}
         for method in gens:
-            out = outs[method]
-            got = new_tokens(out.sequences, ids.shape[1], eos)
-            rate = sum(map(len, got)) / seconds[method]
+            rate, tally = totals[method]["tokens"] / totals[method]["seconds"], per_method[method]
             row["methods"][method] = {
                 "tokens_per_s": rate,
                 "speedup": rate / base_rate,
-                "identical_rows": sum(a == b for a, b in zip(got, expected, strict=True)) / size,
-                "mean_accepted_length": out.spec_stats.mean_accepted_length,
-                "fallback_steps": out.spec_stats.fallback_steps,
-                "steps": len(out.spec_stats.plans) or out.spec_stats.target_forwards - 1,
+                "identical_rows": tally["identical"] / (size * len(groups)),
+                "mean_accepted_length": totals[method]["tokens"] / max(tally["row_steps"], 1),
+                "fallback_steps": tally["fallback_steps"],
+                "steps": tally["steps"],
             }
             print(
-                f"B={size:>2} {method:>9}: {rate:7.1f} tok/s vs target.generate {base_rate:7.1f} "
-                f"({rate / base_rate:.2f}x), mean accepted {out.spec_stats.mean_accepted_length:.2f}, "
+                f"B={size:>2} {method:>12}: {rate:7.1f} tok/s vs target.generate {base_rate:7.1f} "
+                f"({rate / base_rate:.2f}x), mean accepted {row['methods'][method]['mean_accepted_length']:.2f}, "
                 f"identical rows {row['methods'][method]['identical_rows']:.2f}",
                 flush=True,
             )

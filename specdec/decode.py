@@ -442,7 +442,7 @@ def _propose_rows(parts: Parts, batch: list[_Row], plan: Plan | None, generator)
         catchup += row.drafter.catchup_time
         drafted[row.index] = tree
     trees = [TokenTree.chain(row.tokens[-1]) if row.done else drafted[row.index] for row in batch]
-    if free_only and not controller.pays(max(len(t) for t in trees), sum(t.expected_gain for t in trees)):
+    if free_only and not controller.pays(max(len(t) for t in trees), _batch_gain(list(drafted.values()))):
         trees = [tree.truncate(0) for tree in trees]  # the free drafts do not pay: a plain step
     if plan is not None and not plan.speculate and max(len(t) for t in trees) <= SMALL:  # padded where that is
         width = controller.pad_width()  # measured cheaper (a few rows x 1 token can cost more than x 2)
@@ -451,6 +451,14 @@ def _propose_rows(parts: Parts, batch: list[_Row], plan: Plan | None, generator)
             for tree, row in zip(trees, batch, strict=True)
         ]
     return trees, catchup
+
+
+def _batch_gain(trees: list[TokenTree]) -> float:
+    """What the running rows' free drafts promise the batch: as many tokens per row as the row that gains least. A
+    batch lasts as long as its slowest row, so one row's n-gram hit verified in a fallback step (every row padded
+    to its size) mostly makes that row wait at the end: on SmolLM2 (2-core AMD EPYC, fp32) such steps of 4 rows x 9
+    tokens took 132 ms, plain steps 58, and batches of 4 with n-grams ran at 0.93-0.98x `target.generate`."""
+    return len(trees) * min(tree.expected_gain for tree in trees)
 
 
 @contextmanager

@@ -170,6 +170,26 @@ class FixedCosts(PaddedFallback):
         pass
 
 
+class FallbackPaysAnyGain(FixedCosts):
+    """Every step planned plain; a free draft pays whenever it promises anything."""
+
+    def pays(self, tree_size: int, expected_gain: float) -> bool:
+        return tree_size > 1 and expected_gain > 0
+
+
+@pytest.mark.parametrize("both_repeat", [True, False])
+def test_free_drafts_in_a_batch_are_verified_only_when_every_row_gains(models, both_repeat):
+    """In fallback steps, n-gram hits are verified when every running row has one: a hit in one row alone would
+    pad every row to its size for tokens that do not shorten the batch."""
+    target, _ = models["llama"]
+    segment = torch.randperm(VOCAB - 3, generator=torch.Generator().manual_seed(0))[:16] + 3  # no token repeats
+    repeating = torch.cat([segment[:6], segment[:6], segment[:3]]).unsqueeze(0)
+    rows = [repeating, repeating if both_repeat else segment[6:].unsqueeze(0)]
+    out = run(target, NGramDrafter(), rows, eos=None, controller=FallbackPaysAnyGain({}))
+    assert torch.equal(out.sequences, expected_batch(target, rows, eos=None))
+    assert (out.spec_stats.step_slots[0] > 2) == both_repeat  # the first step: the repeats' hits, or a plain step
+
+
 @pytest.mark.parametrize("odd_rows_dear", [True, False])
 def test_finished_rows_stay_in_the_batch_while_fewer_rows_cost_more(models, cases, odd_rows_dear):
     """Where 3 rows of one token were measured dearer than 4 (MKL on an AMD EPYC), a batch of 4 keeps its finished

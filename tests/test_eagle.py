@@ -221,9 +221,11 @@ def test_eagle_medusa_and_ngram_merged_into_one_tree_stay_exact(arch):
     eagle = EagleDrafter(random_head(target), depth=3, branching=2, tree_budget=6)
     medusa = MedusaDrafter(random_heads(target, num_heads=3))
     asked = {"eagle": 0, "medusa": 0}
-    for name, drafter in (("eagle", eagle), ("medusa", medusa)):
-        propose = drafter.propose
-        drafter.propose = lambda state, p=propose, n=name: asked.__setitem__(n, asked[n] + 1) or p(state)
+    for name, drafter in (("eagle", eagle), ("medusa", medusa)):  # a composite asks its sources for rows
+        propose = drafter.propose_rows
+        drafter.propose_rows = lambda forks, states, p=propose, n=name: (
+            asked.__setitem__(n, asked[n] + 1) or p(forks, states)
+        )
     composite = Composite([NGramDrafter(), medusa, eagle], skip_gain=100.0)
     tokens, expected, stats = greedy(target, composite, n=40)
     assert tokens == expected
