@@ -522,9 +522,10 @@ def _record_step(
     stats.verify_time += checking
     if plan is not None:
         stats.plans.append(asdict(plan))
-        pairs = [(t, a) for t, a in zip(trees, accepted, strict=True) if a.path]
-        outcomes = [(len(t), t.max_depth, a.num_accepted, t.expected_gain) for t, a in pairs]
-        controller.update_batch(plan, slots, outcomes, drafting, checking, catchup)
+        steps = [(t, a, row.index) for t, a, row in zip(trees, accepted, batch, strict=True) if a.path]
+        outcomes = [(len(t), t.max_depth, a.num_accepted, t.expected_gain) for t, a, _ in steps]
+        row_ids = [index for _, _, index in steps]
+        controller.update_batch(plan, slots, outcomes, drafting, checking, catchup, row_ids)
 
 
 def _leave(cache: kv.RowCache, batch: list[_Row], controller: Controller | None) -> list[_Row]:

@@ -400,3 +400,29 @@ def test_compaction_in_every_step_keeps_every_row_exact(models, monkeypatch):
     for drafter in (ModelDrafter(small, depth=3, branching=2), NGramDrafter()):
         assert torch.equal(run(target, drafter, rows, eos, controller=None).sequences, expected)
     assert len(calls) > 4
+
+
+def steady_batch(rates: list[float], steps: int = 60) -> Controller:
+    """A controller after `steps` speculative steps of a batch whose row `r` accepts `rates[r]` draft tokens a step
+    on average (of a 2-node chain: a whole number of them, or half-way between two, alternating)."""
+    controller = Controller()
+    for step in range(steps):
+        accepted = [int(rate) + (step % 2 == 0 and rate % 1 > 0) for rate in rates]
+        size = 3 * len(rates)
+        outcomes = [(3, 2, a, 1.0) for a in accepted]
+        controller.update_batch(Plan(True, 2, 2, 0.0), size, outcomes, 0.001, 0.040 + 0.002 * size, row_ids=range(4))
+    return controller
+
+
+def test_a_batch_is_judged_by_its_least_accepting_row():
+    """The gains of a batch step count at its slowest row's (`Controller.spread`): rows that accept 2 and 1 tokens a
+    step promise the batch less than rows that all accept 1.5, though their mean is the same."""
+    even, uneven = steady_batch([1.5] * 4), steady_batch([2, 2, 1, 1])
+    assert even.spread == pytest.approx(1.0)
+    assert uneven.spread == pytest.approx((1 * 60 + 4 * 1.5) / 64 / 1.5)  # the slowest row, from 4 steps at the mean
+    for controller in (even, uneven):
+        controller._set_rows(4)
+    assert uneven.expected_rate(2) < even.expected_rate(2)
+    assert uneven.expected_rate(0) == pytest.approx(even.expected_rate(0))  # plain steps: no draft, no spread
+    uneven.start()  # a new batch: its rows are new
+    assert uneven.spread == 1.0
