@@ -169,7 +169,7 @@ def main() -> None:
         if args.profile:
             profile = cProfile.Profile()
             profile.runcall(measure, gen, prompt, clock, args.new_tokens)
-            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+            pstats.Stats(profile).sort_stats("cumulative").print_stats("specdec|heads", 40)
             return
         runs = [measure(gen, prompt, clock, args.new_tokens) for _ in range(args.repeats)]
         row = {"source": source, "nodes": nodes, **min(runs, key=lambda r: r["overhead_ms"])}

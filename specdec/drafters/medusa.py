@@ -50,6 +50,7 @@ class MedusaDrafter(Drafter):
         self.heads = heads
         self.topk = max(max(c) for c in self.choices) + 1
         self._weights = self._embed = self._vocab = None
+        self._shapes: dict[tuple[int, int | None], list[list[tuple[int, ...]]]] = {}  # `_levels`' answers
 
     def start(self, target: PreTrainedModel) -> None:
         self.heads.check(target)
@@ -81,13 +82,11 @@ class MedusaDrafter(Drafter):
         if self._weights is None:
             raise RuntimeError("MedusaDrafter.start(target) must be called before propose()")
         trees: list[TokenTree | None] = [None] * len(states)
-        asked = {}  # row -> its choices
+        asked = {}  # row -> its choices, by depth
         for r, state in enumerate(states):
-            choices = [c for c in self.choices if len(c) <= state.max_depth] if state.hidden is not None else []
-            if self.heads.config.path_inputs:  # each depth costs a head call: build only what the budget keeps
-                choices = _first(choices, state.budget)
-            if choices:
-                asked[r] = choices
+            levels = self._levels(state.max_depth, state.budget) if state.hidden is not None else []
+            if levels:
+                asked[r] = levels
             else:
                 trees[r] = TokenTree.chain(state.root)
         if not asked:
@@ -96,10 +95,26 @@ class MedusaDrafter(Drafter):
         if self.heads.config.path_inputs:
             built = self._path_trees([states[r] for r in rows], [asked[r] for r in rows])
         else:
-            built = self._static_trees([states[r] for r in rows], [asked[r] for r in rows])
+            built = self._static_trees(
+                [states[r] for r in rows], [[c for level in asked[r] for c in level] for r in rows]
+            )
         for r, tree in zip(rows, built, strict=True):
             trees[r] = trim(tree, states[r])
         return trees
+
+    def _levels(self, max_depth: int, budget: int | None) -> list[list[tuple[int, ...]]]:
+        """The choices a plan of `max_depth` and `budget` asks for, per depth (sorted), none deeper than it has:
+        for path-conditioned heads only the first `budget` (each depth costs a head call: build only what the
+        budget keeps), for the others all of them (`trim` keeps the best). The same few plans come back step after
+        step, so they are kept."""
+        key = (max_depth, budget if self.heads.config.path_inputs else None)
+        if key not in self._shapes:
+            choices = [c for c in self.choices if len(c) <= max_depth]
+            if self.heads.config.path_inputs:
+                choices = _first(choices, budget)
+            deepest = max((len(c) for c in choices), default=0)
+            self._shapes[key] = [sorted(c for c in choices if len(c) == d) for d in range(1, deepest + 1)]
+        return self._shapes[key]
 
     def _static_trees(self, states: list[DecodeState], choices: list[list[tuple[int, ...]]]) -> list[TokenTree]:
         """The `choices` trees for heads that read the hidden state only: every head on every row at once."""
@@ -118,20 +133,22 @@ class MedusaDrafter(Drafter):
             trees.append(TokenTree.from_choices(state.root, row_choices, tokens, lps))
         return trees
 
-    def _path_trees(self, states: list[DecodeState], choices: list[list[tuple[int, ...]]]) -> list[TokenTree]:
-        """The `choices` trees for path-conditioned heads: depth by depth, head `d` runs once on the paths of all
-        rows' depth-`d` nodes that have children (path = root + the node's tokens). A node below the plan's
-        threshold gets no children: theirs would score lower still, and `trim` would drop them (so each depth that
-        nothing reaches saves a head call)."""
+    def _path_trees(self, states: list[DecodeState], shapes: list[list[list[tuple[int, ...]]]]) -> list[TokenTree]:
+        """The trees of `shapes` (each row's choices by depth, `_levels`) for path-conditioned heads: depth by depth,
+        head `d` runs once on the paths of all rows' depth-`d` nodes that have children (path = root + the node's
+        tokens). A node below the plan's threshold gets no children: theirs would score lower still, and `trim` would
+        drop them (so each depth that nothing reaches saves a head call)."""
         built = [_Building(state) for state in states]
-        for depth in range(1, max(len(c) for row in choices for c in row) + 1):
-            levels = [sorted(c for c in row if len(c) == depth) for row in choices]
+        hiddens = torch.stack([state.hidden for state in states])  # [R, H]
+        for depth in range(1, max(map(len, shapes)) + 1):
+            levels = [shape[depth - 1] if depth <= len(shape) else [] for shape in shapes]
             expanding = [b.expanding(level) for b, level in zip(built, levels, strict=True)]
             if not any(expanding):
                 break
-            device = states[0].hidden.device
-            path = torch.tensor([b.paths[p] for b, ps in zip(built, expanding, strict=True) for p in ps], device=device)
-            hidden = torch.stack([b.state.hidden for b, ps in zip(built, expanding, strict=True) for _ in ps])
+            path = [b.paths[p] for b, ps in zip(built, expanding, strict=True) for p in ps]
+            owners = [r for r, ps in enumerate(expanding) for _ in ps]  # the row of each path
+            hidden = hiddens.expand(len(owners), -1) if len(states) == 1 else hiddens[owners]
+            path = torch.tensor(path, device=hiddens.device)
             features = self.heads.head_features(depth - 1, hidden, path, self._embed)  # [P, H] over all rows
             top_lp, top_tok = self._top(self._weights[depth - 1], features)
             start = 0
