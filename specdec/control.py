@@ -519,8 +519,8 @@ class Controller:
             row_ids: each of `rows`' place in the batch, to follow each row's acceptance through the generation:
                 a batch lasts as long as its slowest row, so `expected_rate` counts the gains of a batch step at
                 what its least-accepting running row gains (`spread` x the mean row's gain). On SmolLM2 (2-core
-                AMD EPYC, fp32) rows of a batch of 4 accepted 1.20-1.41 tokens a step on average: speculation
-                judged by the mean row made batches of 4 and 16 slower than `target.generate` (0.93-0.97x).
+                AMD EPYC, fp32) the rows of a batch of 4 accepted 1.20-1.41 tokens a step on average, and with
+                speculation judged by the mean row, batches of 4 and 16 ran at 0.93-0.97x `target.generate`.
         """
         draft_seconds, verify_seconds, catchup_seconds = distributed.rank_zero(
             draft_seconds, verify_seconds, catchup_seconds
