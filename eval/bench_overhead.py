@@ -146,7 +146,7 @@ def main() -> None:
     )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--profile", help="SOURCE:NODES: print a cProfile of that case instead")
+    parser.add_argument("--profile", help="SOURCE:NODES: print a cProfile of that case (specdec, heads)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_overhead.json"))
     args = parser.parse_args()
     target, draft = tiny_llama(args.vocab, 2, 0), tiny_llama(args.vocab, 1, 1)
