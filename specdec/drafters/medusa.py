@@ -168,9 +168,11 @@ class _Building:
         self.tokens, self.parents, self.scores = [state.root], [-1], [0.0]
 
     def expanding(self, level: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        """The parents of `level`'s choices that get children (the head's rows for this tree)."""
+        """The parents of `level`'s choices that get children (the head's rows for this tree): built ones, the root
+        always, other nodes when they reach the plan's threshold."""
+        parents = {c[:-1] for c in level}
         return sorted(
-            {c[:-1] for c in level if c[:-1] in self.node and _expands(c[:-1], self.node, self.scores, self.state)}
+            p for p in parents if p in self.node and (not p or self.scores[self.node[p]] >= self.state.min_score)
         )
 
     def grow(self, level: list[tuple[int, ...]], expanding: list[tuple[int, ...]], top_lp, top_tok) -> None:
@@ -187,13 +189,6 @@ class _Building:
 
     def tree(self) -> TokenTree:
         return TokenTree(torch.tensor(self.tokens), torch.tensor(self.parents), torch.tensor(self.scores))
-
-
-def _expands(
-    choice: tuple[int, ...], node: dict[tuple[int, ...], int], scores: list[float], state: DecodeState
-) -> bool:
-    """Whether `choice`'s node gets children: the root always, other nodes when they reach the plan's threshold."""
-    return not choice or scores[node[choice]] >= state.min_score
 
 
 def _first(choices: list[tuple[int, ...]], budget: int | None) -> list[tuple[int, ...]]:
