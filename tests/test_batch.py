@@ -236,12 +236,13 @@ HEADS = {
 }
 
 
+@pytest.mark.parametrize("controller", ["default", None])
 @pytest.mark.parametrize("source", list(HEADS))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_heads_and_composites_in_a_batch(models, cases, arch, source):
+def test_heads_and_composites_in_a_batch(models, cases, arch, source, controller):
     target, small = models[arch]
     rows, eos, expected, _ = cases[arch]
-    out = run(target, HEADS[source](target, small, rows), rows, eos, controller=None)
+    out = run(target, HEADS[source](target, small, rows), rows, eos, controller=controller)
     assert torch.equal(out.sequences, expected)
 
 
